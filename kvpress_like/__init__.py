@@ -1,0 +1,51 @@
+"""kvpress-like: KV-cache compression for Hugging Face transformers causal LMs.
+
+    from kvpress_like import press, SnapKVPress
+    with press(model, SnapKVPress(ratio=0.5)):
+        model.generate(...)
+"""
+
+from .allocators import Allocator, UniformAllocator
+from .cache import CompressedLayer, cache_bytes
+from .compressors.knorm import KnormPress
+from .compressors.random import RandomPress
+from .compressors.snapkv import SnapKVPress
+from .compressors.streaming_llm import StreamingLLMPress
+from .context import press
+from .patches.base import Architecture
+from .press import LayerContext, Press
+from .registry import (
+    create_press,
+    hookimpl,
+    list_allocators,
+    list_architectures,
+    list_plugins,
+    list_presses,
+    register_plugin,
+    unregister_plugin,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocator",
+    "Architecture",
+    "CompressedLayer",
+    "KnormPress",
+    "LayerContext",
+    "Press",
+    "RandomPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "UniformAllocator",
+    "cache_bytes",
+    "create_press",
+    "hookimpl",
+    "list_allocators",
+    "list_architectures",
+    "list_plugins",
+    "list_presses",
+    "press",
+    "register_plugin",
+    "unregister_plugin",
+]

@@ -1,0 +1,1 @@
+"""Scoring methods: one module per method, each a press registered by the built-in plugin."""

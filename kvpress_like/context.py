@@ -1,0 +1,137 @@
+"""``press(model, p)``: install a press on enter, always restore the model on exit (also on error).
+
+Two forward hooks per compressible attention module do all the work:
+
+* the pre-hook notes whether this forward is the layer's first (the prefill of a context) and, when the layer holds
+  a compressed context, replaces the attention mask with one sized for what the layer physically stores;
+* the post-hook compresses the layer after its prefill attention, so the full layer is freed at once and the peak
+  stays near one layer's full KV.
+
+Decoding steps and any later forward on the same cache are never compressed by a prefill press.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .cache import CompressedLayer
+from .press import LayerContext, Press
+
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def _valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
+    """``[B, q]`` bool: which of the ``q`` new tokens are real, read from the last query row of a 4D mask."""
+    if mask is None:
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    last = mask[:, 0, -1, -q:]
+    return last if last.dtype == torch.bool else last == 0
+
+
+class _LayerHooks:
+    """Hooks of one attention module."""
+
+    def __init__(self, p: Press, arch, layer_idx: int, num_layers: int):
+        self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
+        self.is_prefill = False
+
+    def before(self, module: nn.Module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self.is_prefill = False
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+        self.is_prefill = layer is None or layer.get_seq_length() == 0
+        if not isinstance(layer, CompressedLayer):
+            return None
+        hidden = kwargs["hidden_states"]
+        q = hidden.shape[1]
+        incoming = kwargs.get("attention_mask")
+        layer.pending_valid = _valid_tokens(incoming, hidden.shape[0], q, hidden.device)
+        eager = module.config._attn_implementation == "eager"
+        kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None)
+        return args, kwargs
+
+    def after(self, module: nn.Module, args, kwargs, output):
+        if not self.is_prefill or self.press.ratio == 0:
+            return None
+        self.is_prefill = False
+        cache = kwargs["past_key_values"]
+        layer = cache.layers[self.layer_idx]
+        hidden = kwargs["hidden_states"]
+        ctx = LayerContext(
+            module=module,
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+            arch=self.arch,
+            hidden_states=hidden,
+            position_embeddings=kwargs["position_embeddings"],
+            keys=layer.keys,
+            values=layer.values,
+            valid=_valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device),
+        )
+        with torch.no_grad():
+            cache.layers[self.layer_idx] = self.press.compress(ctx)
+        return None
+
+
+@contextmanager
+def press(model: nn.Module, p: Press):
+    """Compress every context prefilled by ``model`` inside the block with press ``p``.
+
+    Args:
+        model: a supported transformers causal LM (``kvpress-like presses`` lists the architectures).
+        p: the press to apply.
+
+    Raises:
+        TypeError: ``p`` is not a press, or ``model`` is not a module.
+        ValueError: the model is unsupported, already has a press, uses an unsupported attention
+            implementation, or has no compressible layer.
+    """
+    from .registry import architecture_for
+
+    if not isinstance(p, Press):
+        raise TypeError(f"press(model, p): p must be a Press, got {type(p).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"press(model, p): model must be a torch.nn.Module, got {type(model).__name__}")
+    if model in _ACTIVE:
+        raise ValueError(
+            f"model already has a press installed ({type(_ACTIVE[model]).__name__}); "
+            "exit its `with press(...)` block before installing another"
+        )
+    arch = architecture_for(model.config)
+    impl = model.config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {impl!r} is not supported; load the model with attn_implementation="
+            f"one of {SUPPORTED_ATTENTION}"
+        )
+    layers = arch.decoder_layers(model)
+    compressible = arch.compressible_layers(model.config)
+    if not compressible:
+        raise ValueError(
+            f"{type(model).__name__} has no full-attention layer to compress (all layers use sliding-window attention)"
+        )
+    handles = []
+    _ACTIVE[model] = p
+    try:
+        for idx in compressible:
+            hooks = _LayerHooks(p, arch, idx, len(layers))
+            attn = arch.attention(layers[idx])
+            handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
+            handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        _ACTIVE.pop(model, None)
+
+
+def active_press(model: nn.Module) -> Press | None:
+    """The press installed on ``model``, or ``None``."""
+    return _ACTIVE.get(model)

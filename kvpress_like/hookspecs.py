@@ -1,0 +1,37 @@
+"""Plugin hook specifications (pluggy project name ``kvpress_like``).
+
+A plugin is a module or object with functions decorated by :data:`kvpress_like.hookimpl`. Each hook receives a
+``register`` callback; call it once per thing the plugin adds. The built-in plugin
+(:mod:`kvpress_like.plugins.builtin`) registers every built-in press, allocator and architecture through these
+same hooks.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kvpress_like")
+
+
+@hookspec
+def register_presses(register):
+    """Register presses: ``register(name, press_class)``.
+
+    ``name`` is lower-case snake case (``"snapkv"``); ``press_class`` is a subclass of :class:`kvpress_like.Press`
+    whose constructor takes keyword arguments (``ratio=...``).
+    """
+
+
+@hookspec
+def register_allocators(register):
+    """Register budget allocators: ``register(name, allocator_class)``.
+
+    ``allocator_class`` is a subclass of :class:`kvpress_like.Allocator` constructible without arguments.
+    """
+
+
+@hookspec
+def register_architectures(register):
+    """Register architecture families: ``register(architecture)``.
+
+    ``architecture`` is a :class:`kvpress_like.Architecture`; it is used for every ``config.model_type`` listed in
+    its ``model_types``.
+    """

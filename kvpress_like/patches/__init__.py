@@ -1,0 +1,1 @@
+"""One module per architecture family; each exposes ``ARCHITECTURE``, registered by the built-in plugin."""

@@ -1,0 +1,89 @@
+"""What a press needs to know about one architecture family, and the shared projection helpers.
+
+Every supported family in transformers 5.x computes attention the same way: q/k/v projections (separate, or one
+fused ``qkv_proj``), optional per-head ``q_norm``/``k_norm`` before RoPE, RoPE, then
+``past_key_values.update(k, v, layer_idx)``. An :class:`Architecture` records the family's RoPE function and which
+model types it covers; queries and keys are recomputed from a layer's input hidden states with the layer's own
+projections and norms, never by undoing RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An architecture family a press can hook.
+
+    Attributes:
+        name: registry name, e.g. ``"llama"``.
+        model_types: the ``config.model_type`` values this family covers.
+        apply_rope: the family's ``apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    apply_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a causal LM or of its base model."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise TypeError(f"{type(model).__name__} has no decoder `layers`; cannot hook architecture {self.name!r}")
+        return layers
+
+    def attention(self, decoder_layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer."""
+        return decoder_layer.self_attn
+
+    def compressible_layers(self, config) -> list[int]:
+        """Indices of layers with full (not sliding-window) attention: only those are compressed."""
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        return [i for i, kind in enumerate(layer_types(config)) if kind == "full_attention"]
+
+
+def layer_types(config) -> list[str]:
+    """Attention type of each layer: ``config.layer_types``, else sliding if ``config.sliding_window`` is set."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def _project(attn: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
+    """Pre-RoPE queries (``which="q"``) or keys (``"k"``) of ``hidden_states`` ``[B, S, hidden]``.
+
+    Returns ``[B, H, S, D]`` (H query heads or KV heads), after ``q_norm``/``k_norm`` when the layer has them.
+    """
+    head_dim = attn.head_dim
+    if hasattr(attn, "qkv_proj"):  # fused (Phi3): rows are [q | k | v]
+        n_q = attn.config.num_attention_heads * head_dim
+        n_k = attn.config.num_key_value_heads * head_dim
+        rows = slice(0, n_q) if which == "q" else slice(n_q, n_q + n_k)
+        bias = attn.qkv_proj.bias[rows] if attn.qkv_proj.bias is not None else None
+        flat = F.linear(hidden_states, attn.qkv_proj.weight[rows], bias)
+    else:
+        flat = getattr(attn, f"{which}_proj")(hidden_states)
+    states = flat.view(*hidden_states.shape[:-1], -1, head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    if norm is not None:
+        states = norm(states)
+    return states.transpose(1, 2)
+
+
+def pre_rope_queries(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` if any)."""
+    return _project(attn, hidden_states, "q")
+
+
+def pre_rope_keys(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` if any)."""
+    return _project(attn, hidden_states, "k")

@@ -1,0 +1,1 @@
+"""Plugins shipped with the package; ``builtin`` registers every built-in feature."""

@@ -1,0 +1,215 @@
+"""The press object and the prefill flow of one layer: score -> allocate -> select -> store.
+
+A press is small configuration (:class:`Press`): ``ratio``, an allocator, protected tokens (``n_sink`` first tokens
+and the last ``window`` tokens of the context), plus the parameters of its scorer. Its :meth:`Press.score` gives one
+score per cached token per KV head; :meth:`Press.compress` turns a freshly prefilled cache layer into a
+:class:`~kvpress_like.cache.CompressedLayer` holding only the kept entries.
+
+Kept count (exact): a row with ``n`` real context tokens keeps ``n - floor(ratio * n)`` entries per KV head under the
+uniform allocator, and never fewer than ``min(n, n_sink + window)`` (its protected tokens) nor fewer than 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import InitVar, asdict, dataclass, fields
+from functools import cached_property
+from numbers import Real
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .allocators.base import Allocator
+from .cache import CompressedLayer
+from .patches.base import Architecture, pre_rope_keys, pre_rope_queries
+
+
+@dataclass
+class LayerContext:
+    """Everything a scorer may read about one layer right after its prefill attention.
+
+    Attributes:
+        module: the layer's attention module (``head_dim``, ``scaling``, projections).
+        layer_idx: the layer's index in the model.
+        num_layers: number of decoder layers.
+        arch: the model's :class:`Architecture`.
+        hidden_states: ``[B, S, hidden]`` the attention module's input (after the input norm).
+        position_embeddings: ``(cos, sin)``, each ``[B or 1, S, rotary_dim]``.
+        keys: ``[B, H_kv, S, D]`` post-RoPE keys as cached (model dtype).
+        values: ``[B, H_kv, S, D]`` values as cached.
+        valid: ``[B, S]`` bool, ``False`` on padding tokens.
+    """
+
+    module: nn.Module
+    layer_idx: int
+    num_layers: int
+    arch: Architecture
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per KV head (``H_q / H_kv``)."""
+        return self.module.config.num_attention_heads // self.module.config.num_key_value_heads
+
+    def queries(self, last: int | None = None) -> torch.Tensor:
+        """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``), recomputed."""
+        start = 0 if last is None else max(self.hidden_states.shape[1] - last, 0)
+        q = pre_rope_queries(self.module, self.hidden_states[:, start:])
+        cos, sin = self.position_embeddings
+        q, _ = self.arch.apply_rope(q, q, cos[:, start:], sin[:, start:])
+        return q
+
+    @cached_property
+    def pre_rope_keys(self) -> torch.Tensor:
+        """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` where the model has one)."""
+        return pre_rope_keys(self.module, self.hidden_states)
+
+    @cached_property
+    def pre_rope_queries(self) -> torch.Tensor:
+        """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` where the model has one)."""
+        return pre_rope_queries(self.module, self.hidden_states)
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, Real):
+        raise TypeError(f"ratio must be a number in [0, 1) (fraction of the context's KV pairs removed); got {ratio!r}")
+    ratio = float(ratio)
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1) (0 keeps everything, 0.6 keeps 40 %); got {ratio!r}")
+    return ratio
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+    return value
+
+
+@dataclass
+class Press:
+    """Base press: configuration plus a scorer. Subclasses set ``name`` and implement :meth:`score`.
+
+    Args:
+        ratio: fraction of each context's KV pairs removed, in [0, 1). 0 keeps everything, 0.6 keeps 40 %.
+        allocator: an allocator name (``kvpress-like presses`` lists them) or an :class:`Allocator`.
+        n_sink: number of first context tokens always kept.
+        window: number of last context tokens always kept.
+        compression_ratio: alias of ``ratio`` for users coming from kvpress.
+    """
+
+    name: ClassVar[str] = ""
+
+    ratio: float = 0.0
+    allocator: str | Allocator = "uniform"
+    n_sink: int = 0
+    window: int = 0
+    compression_ratio: InitVar[float | None] = None
+
+    def __post_init__(self, compression_ratio: float | None = None):
+        if compression_ratio is not None:
+            if self.ratio not in (0, 0.0):
+                raise ValueError("pass either ratio or compression_ratio, not both")
+            self.ratio = compression_ratio
+        self.ratio = _check_ratio(self.ratio)
+        self.n_sink = _check_count("n_sink", self.n_sink)
+        self.window = _check_count("window", self.window)
+        if isinstance(self.allocator, str):
+            from .registry import get_allocator
+
+            self._allocator = get_allocator(self.allocator)
+        elif isinstance(self.allocator, Allocator):
+            self._allocator = self.allocator
+        else:
+            raise TypeError(f"allocator must be an allocator name or an Allocator; got {self.allocator!r}")
+
+    # -- scorer -----------------------------------------------------------------------------------------
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """Importance of each cached token: ``[B, H_kv, S]`` (higher = keep), computed in fp32."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(ctx)")
+
+    # -- prefill flow -----------------------------------------------------------------------------------
+    def protected_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` bool: the first ``n_sink`` and last ``window`` real tokens of each row."""
+        rank = valid.long().cumsum(-1) - 1  # rank among real tokens
+        n_real = valid.sum(-1, keepdim=True)
+        return valid & ((rank < self.n_sink) | (rank >= n_real - self.window))
+
+    def compress(self, ctx: LayerContext) -> CompressedLayer:
+        """Score, allocate, select and store one layer; returns the layer holding only kept entries."""
+        scores = self.score(ctx)
+        expected = ctx.keys.shape[:3]
+        if scores.shape != expected:
+            raise ValueError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(expected)}")
+        scores = scores.float()
+        if torch.isnan(scores).any():
+            raise ValueError(f"{type(self).__name__}.score returned NaN in layer {ctx.layer_idx}")
+        protected = self.protected_mask(ctx.valid)
+        big = torch.finfo(torch.float32).max
+        scores = scores.clamp(-big, big)
+        scores = scores.masked_fill(protected[:, None, :], math.inf).masked_fill(~ctx.valid[:, None, :], -math.inf)
+        counts = self._allocator.allocate(scores, ctx.valid, protected, self.ratio, ctx.layer_idx, ctx.num_layers)
+        indices, slot_valid = select_top(scores, counts.to(scores.device))
+        return store_dense(ctx.keys, ctx.values, indices, slot_valid)
+
+    # -- conveniences ----------------------------------------------------------------------------------
+    def __call__(self, model: nn.Module):
+        """``with p(model): ...`` works like ``with press(model, p): ...``."""
+        from .context import press
+
+        return press(model, self)
+
+    def to_dict(self) -> dict:
+        """JSON-ready description: ``{"press": name, **parameters}`` (``create_press`` reverses it)."""
+        params = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.allocator, Allocator):
+            params["allocator"] = self.allocator.name
+        return {"press": self.name, **params}
+
+
+def select_top(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``counts[b, h]`` tokens of every head, in ascending token order.
+
+    Args:
+        scores: ``[B, H, S]`` fp32, ``-inf`` on tokens that must never be kept, ``+inf`` on protected ones.
+        counts: ``[B, H]`` long, entries in ``[1, S]``.
+
+    Returns:
+        indices: ``[B, H, P]`` long with ``P = counts.max()``; the first ``counts[b, h]`` entries are the kept
+            tokens in ascending order, the rest are filler.
+        slot_valid: ``[B, H, P]`` bool, ``True`` on the first ``counts[b, h]`` slots.
+    """
+    s = scores.shape[-1]
+    p = int(counts.max())
+    top = scores.topk(p, dim=-1).indices  # descending score
+    slot_valid = torch.arange(p, device=scores.device) < counts[..., None]
+    order_key = torch.where(slot_valid, top, top + s)  # kept first, ascending; filler after
+    indices = top.gather(-1, order_key.argsort(dim=-1))
+    return indices, slot_valid
+
+
+def store_dense(keys, values, indices, slot_valid) -> CompressedLayer:
+    """Gather kept entries into a dense :class:`CompressedLayer`.
+
+    Args:
+        keys, values: ``[B, H, S, D]``.
+        indices: ``[B, H, P]`` from :func:`select_top`.
+        slot_valid: ``[B, H, P]``; must be the same for every head of a row.
+    """
+    if not bool((slot_valid == slot_valid[:, :1]).all()):
+        raise NotImplementedError("heads of a layer keep different counts; ragged per-head storage is required")
+    gather = indices[..., None].expand(*indices.shape, keys.shape[-1])
+    kept_keys = keys.gather(2, gather).contiguous()
+    kept_values = values.gather(2, gather).contiguous()
+    logical = keys.shape[2]
+    return CompressedLayer(kept_keys, kept_values, slot_valid[:, 0].contiguous(), logical)
+
+
+def describe(p: Press) -> str:
+    """One-line description used by the CLI: ``name(ratio=..., ...)``."""
+    params = ", ".join(f"{k}={v!r}" for k, v in asdict(p).items())
+    return f"{p.name or type(p).__name__}({params})"

@@ -1,0 +1,165 @@
+"""Plugin registry: presses, allocators and architectures registered through pluggy hooks.
+
+Third-party plugins are packages exposing an entry point in the group ``kvpress_like``; they are loaded lazily,
+once, the first time the registry is consulted. Set ``KVPRESS_LIKE_NO_PLUGINS=1`` to skip loading them (the
+built-in plugin is always loaded).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pluggy
+
+from . import hookspecs
+
+PROJECT = "kvpress_like"
+DISABLE_ENV = "KVPRESS_LIKE_NO_PLUGINS"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass
+class _Tables:
+    presses: dict = field(default_factory=dict)
+    allocators: dict = field(default_factory=dict)
+    architectures: dict = field(default_factory=dict)  # name -> Architecture
+    by_model_type: dict = field(default_factory=dict)  # model_type -> Architecture
+
+
+_manager: pluggy.PluginManager | None = None
+_tables: _Tables | None = None
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager, created on first use with the built-in plugin and the installed entry points."""
+    global _manager
+    if _manager is None:
+        from .plugins import builtin
+
+        manager = pluggy.PluginManager(PROJECT)
+        manager.add_hookspecs(hookspecs)
+        manager.register(builtin, name="builtin")
+        if os.environ.get(DISABLE_ENV, "") in ("", "0"):
+            manager.load_setuptools_entrypoints(PROJECT)
+        _manager = manager
+    return _manager
+
+
+def register_plugin(plugin, name: str | None = None) -> None:
+    """Register a plugin object or module at run time (useful in tests and notebooks)."""
+    plugin_manager().register(plugin, name=name)
+    _invalidate()
+
+
+def unregister_plugin(plugin) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    plugin_manager().unregister(plugin)
+    _invalidate()
+
+
+def _invalidate() -> None:
+    global _tables
+    _tables = None
+
+
+def _collect() -> _Tables:
+    global _tables
+    if _tables is not None:
+        return _tables
+    from .allocators.base import Allocator
+    from .patches.base import Architecture
+    from .press import Press
+
+    tables = _Tables()
+    hook = plugin_manager().hook
+
+    def add(table: dict, kind: str, name: str, obj) -> None:
+        if not isinstance(name, str) or not name or name != name.lower() or " " in name:
+            raise ValueError(f"{kind} name must be a non-empty lower-case snake_case string; got {name!r}")
+        if name in table and table[name] is not obj:
+            raise ValueError(f"two plugins register a {kind} named {name!r}: {table[name]!r} and {obj!r}")
+        table[name] = obj
+
+    def register_press(name, cls):
+        if not (isinstance(cls, type) and issubclass(cls, Press)):
+            raise TypeError(f"register_presses: {name!r} must be a Press subclass, got {cls!r}")
+        add(tables.presses, "press", name, cls)
+
+    def register_allocator(name, cls):
+        if not (isinstance(cls, type) and issubclass(cls, Allocator)):
+            raise TypeError(f"register_allocators: {name!r} must be an Allocator subclass, got {cls!r}")
+        add(tables.allocators, "allocator", name, cls)
+
+    def register_architecture(arch):
+        if not isinstance(arch, Architecture):
+            raise TypeError(f"register_architectures takes an Architecture, got {arch!r}")
+        add(tables.architectures, "architecture", arch.name, arch)
+        for model_type in arch.model_types:
+            add(tables.by_model_type, "model type", model_type, arch)
+
+    hook.register_presses(register=register_press)
+    hook.register_allocators(register=register_allocator)
+    hook.register_architectures(register=register_architecture)
+    _tables = tables
+    return tables
+
+
+def list_presses() -> list[str]:
+    """Names of every registered press, sorted."""
+    return sorted(_collect().presses)
+
+
+def list_allocators() -> list[str]:
+    """Names of every registered allocator, sorted."""
+    return sorted(_collect().allocators)
+
+
+def list_architectures() -> dict[str, tuple[str, ...]]:
+    """Registered architecture names and the model types each covers."""
+    return {name: arch.model_types for name, arch in sorted(_collect().architectures.items())}
+
+
+def list_plugins() -> list[dict]:
+    """Every loaded plugin: ``{"name", "hooks", "version"}`` (version for entry-point plugins)."""
+    manager = plugin_manager()
+    versions = {id(plugin): dist.version for plugin, dist in manager.list_plugin_distinfo()}
+    result = []
+    for plugin in manager.get_plugins():
+        hooks = sorted(h.name for h in manager.get_hookcallers(plugin) or [])
+        result.append({"name": manager.get_name(plugin), "hooks": hooks, "version": versions.get(id(plugin))})
+    return sorted(result, key=lambda item: item["name"])
+
+
+def get_press_class(name: str):
+    """The press class registered as ``name``."""
+    presses = _collect().presses
+    if name not in presses:
+        raise ValueError(f"unknown press {name!r}; known presses: {', '.join(sorted(presses))}")
+    return presses[name]
+
+
+def create_press(name: str, **kwargs):
+    """Create a registered press by name: ``create_press("snapkv", ratio=0.5)``."""
+    return get_press_class(name)(**kwargs)
+
+
+def get_allocator(name: str):
+    """A new instance of the allocator registered as ``name``."""
+    allocators = _collect().allocators
+    if name not in allocators:
+        raise ValueError(f"unknown allocator {name!r}; known allocators: {', '.join(sorted(allocators))}")
+    return allocators[name]()
+
+
+def architecture_for(config):
+    """The architecture covering ``config.model_type``; a clear error names the supported ones otherwise."""
+    tables = _collect()
+    model_type = getattr(config, "model_type", None)
+    if model_type not in tables.by_model_type:
+        supported = ", ".join(f"{name} ({'/'.join(a.model_types)})" for name, a in sorted(tables.architectures.items()))
+        raise ValueError(
+            f"unsupported model type {model_type!r}. Supported architectures: {supported}. "
+            "A plugin can add one with the `register_architectures` hook."
+        )
+    return tables.by_model_type[model_type]
