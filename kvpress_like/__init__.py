@@ -7,10 +7,18 @@
 
 from .allocators import Allocator, UniformAllocator
 from .cache import CompressedLayer, cache_bytes
+from .compressors.chunkkv import ChunkKVPress
+from .compressors.compactor import CompactorPress
+from .compressors.cur import CURPress
+from .compressors.expected_attention import ExpectedAttentionPress
 from .compressors.knorm import KnormPress
+from .compressors.leverage import LeverageScorePress
+from .compressors.non_causal_attention import NonCausalAttentionPress
+from .compressors.observed_attention import ObservedAttentionPress
 from .compressors.random import RandomPress
 from .compressors.snapkv import SnapKVPress
 from .compressors.streaming_llm import StreamingLLMPress
+from .compressors.tova import TOVAPress
 from .context import press
 from .patches.base import Architecture
 from .press import LayerContext, Press
@@ -30,6 +38,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Allocator",
     "Architecture",
+    "ChunkKVPress",
+    "CompactorPress",
+    "CURPress",
+    "ExpectedAttentionPress",
+    "LeverageScorePress",
+    "NonCausalAttentionPress",
+    "ObservedAttentionPress",
+    "TOVAPress",
     "CompressedLayer",
     "KnormPress",
     "LayerContext",

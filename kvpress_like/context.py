@@ -12,6 +12,7 @@ Decoding steps and any later forward on the same cache are never compressed by a
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from contextlib import contextmanager
 
@@ -36,9 +37,20 @@ def _valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torc
 class _LayerHooks:
     """Hooks of one attention module."""
 
-    def __init__(self, p: Press, arch, layer_idx: int, num_layers: int):
+    def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, rotary_emb: nn.Module | None):
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
+        self.rotary_emb = rotary_emb
         self.is_prefill = False
+
+    def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
+        """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
+        if self.rotary_emb is None:
+            raise ValueError("this model exposes no `rotary_emb` module; the scorer needs RoPE tables")
+        args = (hidden[:1, :1], positions[None].to(hidden.device))
+        layer_type = getattr(module, "layer_type", None)
+        if "layer_type" in inspect.signature(self.rotary_emb.forward).parameters:
+            return self.rotary_emb(*args, layer_type=layer_type)
+        return self.rotary_emb(*args)
 
     def before(self, module: nn.Module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -74,6 +86,7 @@ class _LayerHooks:
             keys=layer.keys,
             values=layer.values,
             valid=_valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device),
+            rotary=lambda positions: self.rope_at(module, hidden, positions),
         )
         with torch.no_grad():
             cache.layers[self.layer_idx] = self.press.compress(ctx)
@@ -117,11 +130,13 @@ def press(model: nn.Module, p: Press):
         raise ValueError(
             f"{type(model).__name__} has no full-attention layer to compress (all layers use sliding-window attention)"
         )
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary_emb = getattr(base, "rotary_emb", None)
     handles = []
     _ACTIVE[model] = p
     try:
         for idx in compressible:
-            hooks = _LayerHooks(p, arch, idx, len(layers))
+            hooks = _LayerHooks(p, arch, idx, len(layers), rotary_emb)
             attn = arch.attention(layers[idx])
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))

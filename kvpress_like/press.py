@@ -15,7 +15,7 @@ import math
 from dataclasses import InitVar, asdict, dataclass, fields
 from functools import cached_property
 from numbers import Real
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class LayerContext:
         keys: ``[B, H_kv, S, D]`` post-RoPE keys as cached (model dtype).
         values: ``[B, H_kv, S, D]`` values as cached.
         valid: ``[B, S]`` bool, ``False`` on padding tokens.
+        rotary: ``rotary(positions [n]) -> (cos, sin)`` each ``[1, n, rotary_dim]``: the layer's RoPE tables at
+            arbitrary positions (used by scorers that reason about future queries).
     """
 
     module: nn.Module
@@ -50,6 +52,7 @@ class LayerContext:
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def num_kv_groups(self) -> int:
@@ -139,8 +142,8 @@ class Press:
         n_real = valid.sum(-1, keepdim=True)
         return valid & ((rank < self.n_sink) | (rank >= n_real - self.window))
 
-    def compress(self, ctx: LayerContext) -> CompressedLayer:
-        """Score, allocate, select and store one layer; returns the layer holding only kept entries."""
+    def select(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and allocate one layer; returns ``(indices, slot_valid)`` as :func:`select_top` does."""
         scores = self.score(ctx)
         expected = ctx.keys.shape[:3]
         if scores.shape != expected:
@@ -153,7 +156,11 @@ class Press:
         scores = scores.clamp(-big, big)
         scores = scores.masked_fill(protected[:, None, :], math.inf).masked_fill(~ctx.valid[:, None, :], -math.inf)
         counts = self._allocator.allocate(scores, ctx.valid, protected, self.ratio, ctx.layer_idx, ctx.num_layers)
-        indices, slot_valid = select_top(scores, counts.to(scores.device))
+        return select_top(scores, counts.to(scores.device))
+
+    def compress(self, ctx: LayerContext) -> CompressedLayer:
+        """Score, allocate, select and store one layer; returns the layer holding only kept entries."""
+        indices, slot_valid = self.select(ctx)
         return store_dense(ctx.keys, ctx.values, indices, slot_valid)
 
     # -- conveniences ----------------------------------------------------------------------------------

@@ -4,14 +4,25 @@ It is the reference example of a plugin: a third-party package does the same fro
 """
 
 from ..allocators.uniform import UniformAllocator
+from ..compressors.chunkkv import ChunkKVPress
+from ..compressors.compactor import CompactorPress
+from ..compressors.cur import CURPress
+from ..compressors.expected_attention import ExpectedAttentionPress
 from ..compressors.knorm import KnormPress
+from ..compressors.leverage import LeverageScorePress
+from ..compressors.non_causal_attention import NonCausalAttentionPress
+from ..compressors.observed_attention import ObservedAttentionPress
 from ..compressors.random import RandomPress
 from ..compressors.snapkv import SnapKVPress
 from ..compressors.streaming_llm import StreamingLLMPress
+from ..compressors.tova import TOVAPress
 from ..patches import gemma3, llama, mistral, phi3, qwen2, qwen3
 from ..registry import hookimpl
 
-PRESSES = (RandomPress, KnormPress, StreamingLLMPress, SnapKVPress)
+PRESSES = (
+    RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
+    NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
+)
 ALLOCATORS = (UniformAllocator,)
 ARCHITECTURES = (llama, mistral, qwen2, qwen3, gemma3, phi3)
 

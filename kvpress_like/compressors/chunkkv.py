@@ -1,0 +1,78 @@
+"""ChunkKV press: keep whole chunks of tokens, shared by every head of a layer, with layer-wise index reuse.
+
+Paper: Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
+arXiv 2502.00299. Token scores from an inner scorer (SnapKV by default) are averaged over the heads of the layer and
+summed within chunks of ``chunk_size`` consecutive tokens (10 by default); the best chunks are kept, identical for
+all heads. Layer-wise index reuse: consecutive layers are grouped by ``reuse_group`` (layer ``l`` is in group
+``l // reuse_group``); the first compressed layer of a group selects and the others reuse its indices without
+scoring.
+
+Departures: to hit the exact budget, the last chunk that does not fit whole is filled with its best tokens
+(chunks are ranked first, tokens inside a chunk by their own score); protected tokens (the inner scorer's
+observation window) count against the budget like any other token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..press import LayerContext, Press, store_dense
+from .snapkv import SnapKVPress
+
+
+@dataclass
+class ChunkKVPress(Press):
+    """Keeps the highest-scoring chunks of ``chunk_size`` tokens.
+
+    Args:
+        scorer: the press whose scores are aggregated per chunk (or its registry name).
+        chunk_size: tokens per chunk.
+        reuse_group: consecutive layers sharing one selection (1 = no reuse).
+        window: last tokens always kept (defaults to SnapKV's observation window).
+    """
+
+    name = "chunkkv"
+    window: int = 64
+    scorer: Press | str = field(default_factory=SnapKVPress)
+    chunk_size: int = 10
+    reuse_group: int = 1
+
+    def __post_init__(self, compression_ratio=None):
+        super().__post_init__(compression_ratio)
+        if isinstance(self.scorer, str):
+            from ..registry import create_press
+
+            self.scorer = create_press(self.scorer)
+        if not isinstance(self.scorer, Press):
+            raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
+        for name in ("chunk_size", "reuse_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        self._reused: tuple | None = None  # (group, position tensor, indices, slot_valid)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        token = self.scorer.score(ctx).float().mean(1)  # [B, S]
+        token = token.masked_fill(~ctx.valid, 0.0)
+        b, s = token.shape
+        n_chunks = -(-s // self.chunk_size)
+        padded = torch.nn.functional.pad(token, (0, n_chunks * self.chunk_size - s))
+        chunk = padded.view(b, n_chunks, self.chunk_size).sum(-1)
+        chunk_rank = chunk.argsort(-1).argsort(-1).float()  # 0 = worst chunk
+        per_token = chunk_rank.repeat_interleave(self.chunk_size, dim=-1)[:, :s]
+        low, high = token.min(-1, keepdim=True).values, token.max(-1, keepdim=True).values
+        tie_break = 0.5 * (token - low) / (high - low).clamp(min=1e-12)  # in [0, 0.5]
+        return (per_token + tie_break)[:, None, :].expand(b, ctx.keys.shape[1], s)
+
+    def compress(self, ctx: LayerContext):
+        group = ctx.layer_idx // self.reuse_group
+        marker = ctx.position_embeddings[0]  # one tensor per forward: tells one prefill from the next
+        reused = self._reused
+        if reused is not None and reused[0] == group and reused[1] is marker and self.reuse_group > 1:
+            indices, slot_valid = reused[2], reused[3]
+        else:
+            indices, slot_valid = self.select(ctx)
+            self._reused = (group, marker, indices, slot_valid)
+        return store_dense(ctx.keys, ctx.values, indices, slot_valid)

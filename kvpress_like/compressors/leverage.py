@@ -1,0 +1,72 @@
+"""Approximate leverage scores of pre-RoPE keys (the query-agnostic half of Compactor).
+
+Paper: Chari & Van Durme, "Compactor: Calibrated Query-Agnostic KV Cache Compression with Approximate Leverage
+Scores", arXiv 2507.08143. For each KV head, the ``[S, D]`` matrix of pre-RoPE keys (after ``k_norm`` where the
+model has one) is right-sketched by a seeded Gaussian ``Phi`` (``D x k``, entries ``N(0, 1/k)``, k = 48), giving
+``K_hat = K Phi``; the leverage of token ``i`` is ``k_hat_i^T (K_hat^T K_hat)^{-1} k_hat_i``, computed from the small
+``k x k`` Gram matrix with a Cholesky solve.
+
+Departures: keys are centred (mean over the real tokens of the row removed) before sketching, as the authors'
+public engine does, so a large common offset in the keys does not dominate; the Gram matrix is regularised by
+``1e-4 * trace / k + 1e-6`` so rank-deficient or constant keys give finite scores (constant keys score 0 everywhere).
+When ``k >= D`` no sketch is applied (exact leverage). Cost ``O(S*D*k + S*k^2 + k^3)`` per head, no ``S x S``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..press import LayerContext, Press
+
+
+def gaussian_sketch(dim: int, sketch_size: int, seed: int, device) -> torch.Tensor:
+    """Seeded ``[dim, sketch_size]`` Gaussian matrix with entries ``N(0, 1/sketch_size)`` (fp32)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(dim, sketch_size, generator=generator) / sketch_size**0.5).to(device)
+
+
+def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 48, seed: int = 0) -> torch.Tensor:
+    """Approximate leverage score of every token.
+
+    Args:
+        keys: ``[B, H, S, D]`` pre-RoPE keys (any float dtype; computed in fp32).
+        valid: ``[B, S]`` bool, real tokens (others get score 0 and do not enter the statistics).
+        sketch_size: ``k``, the sketch width; ``k >= D`` means exact leverage.
+        seed: seed of the Gaussian sketch.
+
+    Returns:
+        ``[B, H, S]`` fp32 scores, each in ``[0, 1]``.
+    """
+    keys = keys.float() * valid[:, None, :, None]
+    d = keys.shape[-1]
+    if sketch_size < d:
+        keys = keys @ gaussian_sketch(d, sketch_size, seed, keys.device)
+    n_real = valid.sum(-1).clamp(min=1)[:, None, None, None]
+    mean = keys.sum(-2, keepdim=True) / n_real
+    centred = (keys - mean) * valid[:, None, :, None]
+    gram = centred.transpose(-1, -2) @ centred  # [B, H, k, k]
+    k = gram.shape[-1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    gram = gram + (1e-4 * trace / k + 1e-6) * torch.eye(k, device=gram.device)
+    chol = torch.linalg.cholesky(gram)
+    solved = torch.cholesky_solve(centred.transpose(-1, -2), chol)  # [B, H, k, S] = G^-1 K_hat^T
+    return (centred * solved.transpose(-1, -2)).sum(-1).clamp(min=0.0)
+
+
+@dataclass
+class LeverageScorePress(Press):
+    """Keeps the keys with the largest approximate leverage (outliers of the key geometry).
+
+    Args:
+        sketch_size: width ``k`` of the Gaussian sketch (48 in the paper).
+        seed: sketch seed; the same seed gives the same kept tokens.
+    """
+
+    name = "leverage"
+    sketch_size: int = 48
+    seed: int = 0
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        return leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)

@@ -1,0 +1,84 @@
+"""Non-causal chunked attention scores (the attention half of Compactor).
+
+Paper: Chari & Van Durme, "Compactor", arXiv 2507.08143. The context is split into chunks of ``chunk_size`` tokens
+(256 by default); inside each chunk every post-RoPE query attends to every key of the chunk with no causal mask,
+``softmax(Q_c K_c^T / sqrt(d))``; a key's score is its column sum (the attention it receives from its chunk),
+averaged over the query heads of its KV group, then smoothed over neighbouring tokens by average pooling.
+
+Departures: the scale is the model's own attention scale (``1/sqrt(d)`` for all supported models but Gemma3, which
+uses ``query_pre_attn_scalar``); padding tokens are excluded as queries and keys; a shorter last chunk is used as
+is (no mass re-balancing). Memory is ``O(S * chunk_size)`` per head, never ``S x S``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..press import LayerContext, Press
+
+
+def pool(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Average-pool ``[B, H, S]`` scores over ``kernel_size`` neighbouring tokens (same length out)."""
+    if kernel_size <= 1:
+        return scores
+    b, h, s = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(b * h, 1, s), kernel_size, stride=1, padding=kernel_size // 2,
+                          count_include_pad=False)
+    return pooled.view(b, h, s)
+
+
+def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
+    """Column sums of bidirectional attention within chunks.
+
+    Args:
+        queries: ``[B, H_q, S, D]`` post-RoPE queries.
+        keys: ``[B, H_kv, S, D]`` post-RoPE keys.
+        valid: ``[B, S]`` bool, real tokens.
+        scale: logit scale.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``[B, H_kv, S]`` fp32: attention each key receives from the real queries of its chunk, averaged over the
+        ``H_q / H_kv`` query heads of its group; 0 on padding.
+    """
+    b, h_q, s, d = queries.shape
+    h_kv = keys.shape[1]
+    out = torch.zeros(b, h_kv, s, dtype=torch.float32, device=keys.device)
+    for start in range(0, s, chunk_size):
+        end = min(start + chunk_size, s)
+        q = queries[:, :, start:end].float().view(b, h_kv, h_q // h_kv, end - start, d)
+        k = keys[:, :, start:end].float()
+        m = valid[:, start:end]
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
+        logits = logits.masked_fill(~m[:, None, None, None, :], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m[:, None, None, :, None]
+        out[:, :, start:end] = weights.sum(dim=3).mean(dim=2)
+    return out
+
+
+@dataclass
+class NonCausalAttentionPress(Press):
+    """Keeps keys that receive the most bidirectional attention within their chunk.
+
+    Args:
+        chunk_size: tokens per chunk (256 in the paper).
+        kernel_size: average-pooling width over neighbouring tokens (1 = none).
+    """
+
+    name = "non_causal_attention"
+    chunk_size: int = 256
+    kernel_size: int = 5
+
+    def __post_init__(self, compression_ratio=None):
+        super().__post_init__(compression_ratio)
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        scores = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling, self.chunk_size)
+        return pool(scores, self.kernel_size)
