@@ -5,8 +5,16 @@
         model.generate(...)
 """
 
-from .allocators import Allocator, UniformAllocator
-from .cache import CompressedLayer, cache_bytes
+from .allocators import (
+    Allocator,
+    DynamicAllocator,
+    HeadAdaptiveAllocator,
+    KVComposeAllocator,
+    PerLayerAllocator,
+    PyramidAllocator,
+    UniformAllocator,
+)
+from .cache import CompressedLayer, RaggedLayer, cache_bytes
 from .compressors.chunkkv import ChunkKVPress
 from .compressors.compactor import CompactorPress
 from .compressors.cur import CURPress
@@ -29,6 +37,7 @@ from .registry import (
     list_architectures,
     list_plugins,
     list_presses,
+    press_from_dict,
     register_plugin,
     unregister_plugin,
 )
@@ -47,6 +56,12 @@ __all__ = [
     "ObservedAttentionPress",
     "TOVAPress",
     "CompressedLayer",
+    "DynamicAllocator",
+    "HeadAdaptiveAllocator",
+    "KVComposeAllocator",
+    "PerLayerAllocator",
+    "PyramidAllocator",
+    "RaggedLayer",
     "KnormPress",
     "LayerContext",
     "Press",
@@ -62,6 +77,7 @@ __all__ = [
     "list_plugins",
     "list_presses",
     "press",
+    "press_from_dict",
     "register_plugin",
     "unregister_plugin",
 ]

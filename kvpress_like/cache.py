@@ -13,7 +13,7 @@ stores ``max`` entries per row and marks the unused slots in ``valid``. Slots ar
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 
 class CompressedLayer(DynamicLayer):
@@ -69,7 +69,9 @@ class CompressedLayer(DynamicLayer):
         """``(kv_length, kv_offset)`` such that new tokens line up causally with their logical positions."""
         return self.physical_length + query_length, self.logical_length - self.physical_length
 
-    def attention_mask(self, incoming: torch.Tensor | None, query_length: int, float_dtype: torch.dtype | None):
+    def attention_mask(
+        self, incoming: torch.Tensor | None, query_length: int, float_dtype: torch.dtype | None, groups: int = 1
+    ):
         """Mask for ``query_length`` new tokens over the stored entries plus themselves.
 
         Args:
@@ -78,27 +80,14 @@ class CompressedLayer(DynamicLayer):
             query_length: ``q``.
             float_dtype: when not ``None`` and ``incoming`` is ``None``, return an additive float mask of this
                 dtype (eager attention); otherwise a bool mask (True = attend).
+            groups: query heads per KV head (unused: every head of a dense layer sees the same entries).
 
         Returns:
             ``[B, 1, q, P + q]`` mask, or ``None`` when plain unmasked attention is already right.
         """
-        q, b = query_length, self.keys.shape[0]
-        device = self.valid.device
-        if incoming is None:
-            if q == 1 and bool(self.valid.all()):
-                return None
-            new = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None].expand(b, 1, q, q)
-        elif incoming.dtype == torch.bool:
-            new = incoming[..., -q:]
-        else:
-            new = incoming[..., -q:] == 0
-            float_dtype = incoming.dtype
-        past = self.valid[:, None, None, :].expand(b, 1, q, self.physical_length)
-        mask = torch.cat([past, new.expand(b, 1, q, q).to(device)], dim=-1)
-        if float_dtype is None:
-            return mask
-        zero = torch.zeros((), dtype=float_dtype, device=device)
-        return torch.where(mask, zero, torch.finfo(float_dtype).min)
+        if incoming is None and query_length == 1 and bool(self.valid.all()):
+            return None
+        return build_mask(self.valid[:, None, :], incoming, query_length, float_dtype)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` appended tokens (never entries of the compressed context)."""
@@ -137,6 +126,156 @@ class CompressedLayer(DynamicLayer):
     def nbytes(self) -> int:
         """Bytes held: keys and values, plus the ``[B, P]`` bool ``valid`` mask (one byte per slot)."""
         return tensor_bytes(self.keys) + tensor_bytes(self.values) + tensor_bytes(self.valid)
+
+
+def build_mask(past_valid: torch.Tensor, incoming: torch.Tensor | None, q: int, float_dtype: torch.dtype | None):
+    """Attention mask of ``q`` new tokens over stored entries (``past_valid``) and themselves.
+
+    Args:
+        past_valid: ``[B, H, P]`` bool (``H`` = 1 when all heads share it), True = attendable stored entry.
+        incoming: transformers' mask for this forward (``[B, 1, q, kv]`` bool or additive float) or ``None``; only
+            its last ``q`` columns are used (new tokens among themselves: causal plus their own padding).
+        q: number of new tokens.
+        float_dtype: dtype of the additive mask to return when ``incoming`` is ``None`` (eager); ``None`` = bool.
+
+    Returns:
+        ``[B, H, q, P + q]`` bool mask (True = attend) or additive float mask (0 / dtype min).
+    """
+    b, h, p = past_valid.shape
+    device = past_valid.device
+    if incoming is None:
+        new = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None]
+    elif incoming.dtype == torch.bool:
+        new = incoming[..., -q:]
+    else:
+        new = incoming[..., -q:] == 0
+        float_dtype = incoming.dtype
+    past = past_valid[:, :, None, :].expand(b, h, q, p)
+    mask = torch.cat([past, new.to(device).expand(b, h, q, q)], dim=-1)
+    if float_dtype is None:
+        return mask
+    zero = torch.zeros((), dtype=float_dtype, device=device)
+    return torch.where(mask, zero, torch.finfo(float_dtype).min)
+
+
+class RaggedLayer(CacheLayerMixin):
+    """A cache layer whose KV heads keep different numbers of entries, stored without padding.
+
+    The compressed context is stored flat: head ``(b, h)`` owns ``lengths[b, h]`` consecutive rows of
+    ``flat_keys``/``flat_values`` (segments in ``(b, h)`` row-major order). Tokens appended afterwards go to every
+    head and are stored dense in ``tail_keys``/``tail_values``. For attention, :meth:`update` returns a transient
+    padded view ``[B, H, L_max + T, D]`` that :meth:`attention_mask` masks per head; only the flat and tail
+    tensors are kept between steps.
+
+    Attributes:
+        flat_keys, flat_values: ``[N, D]`` kept entries, ``N = lengths.sum()``.
+        lengths: ``[B, H]`` long, kept entries per head (index metadata: 8 bytes per head).
+        tail_keys, tail_values: ``[B, H, T, D]`` appended tokens.
+        tail_valid: ``[B, T]`` bool, False on padding among appended tokens (1 byte per token and row).
+        logical_length: tokens seen by the layer.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, flat_keys, flat_values, lengths: torch.Tensor, logical_length: int, shape: tuple[int, ...]):
+        super().__init__()
+        b, h, _, d = shape
+        if lengths.shape != (b, h) or int(lengths.sum()) != flat_keys.shape[0] or flat_keys.shape != flat_values.shape:
+            raise ValueError("flat keys/values must hold lengths.sum() rows and lengths must be [B, H]")
+        self.dtype, self.device = flat_keys.dtype, flat_keys.device
+        self.flat_keys, self.flat_values, self.lengths = flat_keys, flat_values, lengths
+        self.tail_keys = flat_keys.new_zeros(b, h, 0, d)
+        self.tail_values = flat_values.new_zeros(b, h, 0, d)
+        self.tail_valid = torch.ones(b, 0, dtype=torch.bool, device=flat_keys.device)
+        self.logical_length = int(logical_length)
+        self.pending_valid: torch.Tensor | None = None
+        self.keys, self.values = flat_keys, flat_values  # for code that checks `layer.keys`
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # built already initialised
+        return None
+
+    @property
+    def padded_length(self) -> int:
+        """Length of the padded view of the compressed part (``L_max``)."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    @property
+    def physical_length(self) -> int:
+        """Positions in the padded view of stored entries (``L_max + T``)."""
+        return self.padded_length + self.tail_keys.shape[2]
+
+    def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, H, L_max]`` row index into the flat tensors, and whether each slot holds an entry."""
+        offsets = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).view_as(self.lengths)
+        slots = torch.arange(self.padded_length, device=self.lengths.device)
+        present = slots < self.lengths[..., None]
+        index = (offsets[..., None] + slots).clamp(max=max(self.flat_keys.shape[0] - 1, 0))
+        return index, present
+
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index, present = self._gather_index()
+        keys = self.flat_keys[index] * present[..., None]
+        values = self.flat_values[index] * present[..., None]
+        return torch.cat([keys, self.tail_keys], dim=2), torch.cat([values, self.tail_values], dim=2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, H, q, D]`` to every head; returns the padded ``[B, H, L_max + T, D]`` keys and values."""
+        q = key_states.shape[2]
+        valid = self.pending_valid
+        if valid is None:
+            valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.tail_valid.device)
+        self.pending_valid = None
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
+        self.tail_valid = torch.cat([self.tail_valid, valid.to(self.tail_valid.device)], dim=1)
+        self.logical_length += q
+        return self._padded()
+
+    def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
+        """Per-query-head mask ``[B, H_kv * groups, q, L_max + T + q]`` (see :func:`build_mask`)."""
+        _, present = self._gather_index()
+        b, h, _ = present.shape
+        tail = self.tail_valid[:, None, :].expand(b, h, -1)
+        mask = build_mask(torch.cat([present, tail], dim=-1), incoming, query_length, float_dtype)
+        return mask.repeat_interleave(groups, dim=1)
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.physical_length + query_length, self.logical_length - self.physical_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` appended tokens (never compressed entries)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n > self.tail_keys.shape[2]:
+            raise ValueError(f"cannot crop {n} tokens: only {self.tail_keys.shape[2]} were appended after compression")
+        if n:
+            self.tail_keys, self.tail_values = self.tail_keys[:, :, :-n], self.tail_values[:, :, :-n]
+            self.tail_valid = self.tail_valid[:, :-n]
+            self.logical_length -= n
+
+    def reset(self) -> None:
+        raise NotImplementedError("a ragged compressed layer cannot be reset; create a new cache instead")
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError(
+            "batch reordering (beam search, batch expansion) is not supported on a ragged per-head cache layer"
+        )
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def nbytes(self) -> int:
+        """Kept entries (flat keys and values) + appended tokens + ``lengths`` and ``tail_valid`` metadata."""
+        return sum(tensor_bytes(t) for t in (self.flat_keys, self.flat_values, self.lengths, self.tail_keys,
+                                             self.tail_values, self.tail_valid))
 
 
 def tensor_bytes(t: torch.Tensor | None) -> int:

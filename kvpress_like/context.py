@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .cache import CompressedLayer
-from .press import LayerContext, Press
+from .cache import CompressedLayer, RaggedLayer
+from .press import LayerContext, Press, select_top, store
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -34,12 +34,38 @@ def _valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torc
     return last if last.dtype == torch.bool else last == 0
 
 
+class _ModelScope:
+    """Scores of every compressible layer of one prefill, held until the last one is in (model-scope allocators)."""
+
+    def __init__(self, p: Press, layers: tuple[int, ...]):
+        self.press, self.layers = p, layers
+        self.pending: dict[int, tuple] = {}
+
+    def add(self, ctx: LayerContext, cache) -> None:
+        if ctx.layer_idx == self.layers[0]:
+            self.pending.clear()  # a new prefill (or a previous one that raised midway)
+        scores, protected = self.press.layer_scores(ctx)
+        self.pending[ctx.layer_idx] = (scores, protected, ctx.valid)
+        if ctx.layer_idx != self.layers[-1]:
+            return
+        if sorted(self.pending) != list(self.layers):
+            raise RuntimeError("model-scope compression did not see every compressible layer of this prefill")
+        all_scores = [self.pending[i][0] for i in self.layers]
+        counts = self.press._allocator.allocate_model(all_scores, ctx.valid, protected, self.press.ratio, self.layers)
+        for idx, layer_scores, layer_counts in zip(self.layers, all_scores, counts):
+            full = cache.layers[idx]
+            indices, slot_valid = select_top(layer_scores, layer_counts.to(layer_scores.device))
+            cache.layers[idx] = store(full.keys, full.values, indices, slot_valid)
+        self.pending.clear()
+
+
 class _LayerHooks:
     """Hooks of one attention module."""
 
-    def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, rotary_emb: nn.Module | None):
+    def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, layers: tuple[int, ...],
+                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None):
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
-        self.rotary_emb = rotary_emb
+        self.layers, self.rotary_emb, self.model_scope = layers, rotary_emb, model_scope
         self.is_prefill = False
 
     def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
@@ -59,14 +85,15 @@ class _LayerHooks:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
         self.is_prefill = layer is None or layer.get_seq_length() == 0
-        if not isinstance(layer, CompressedLayer):
+        if not isinstance(layer, (CompressedLayer, RaggedLayer)):
             return None
         hidden = kwargs["hidden_states"]
         q = hidden.shape[1]
         incoming = kwargs.get("attention_mask")
         layer.pending_valid = _valid_tokens(incoming, hidden.shape[0], q, hidden.device)
         eager = module.config._attn_implementation == "eager"
-        kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None)
+        groups = module.config.num_attention_heads // module.config.num_key_value_heads
+        kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
         return args, kwargs
 
     def after(self, module: nn.Module, args, kwargs, output):
@@ -80,6 +107,7 @@ class _LayerHooks:
             module=module,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
+            layers=self.layers,
             arch=self.arch,
             hidden_states=hidden,
             position_embeddings=kwargs["position_embeddings"],
@@ -89,7 +117,10 @@ class _LayerHooks:
             rotary=lambda positions: self.rope_at(module, hidden, positions),
         )
         with torch.no_grad():
-            cache.layers[self.layer_idx] = self.press.compress(ctx)
+            if self.model_scope is not None:
+                self.model_scope.add(ctx, cache)
+            else:
+                cache.layers[self.layer_idx] = self.press.compress(ctx)
         return None
 
 
@@ -132,11 +163,13 @@ def press(model: nn.Module, p: Press):
         )
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary_emb = getattr(base, "rotary_emb", None)
+    layer_ids = tuple(compressible)
+    model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" else None
     handles = []
     _ACTIVE[model] = p
     try:
         for idx in compressible:
-            hooks = _LayerHooks(p, arch, idx, len(layers), rotary_emb)
+            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope)
             attn = arch.attention(layers[idx])
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .allocators.base import Allocator
-from .cache import CompressedLayer
+from .cache import CompressedLayer, RaggedLayer
 from .patches.base import Architecture, pre_rope_keys, pre_rope_queries
 
 
@@ -33,6 +33,7 @@ class LayerContext:
         module: the layer's attention module (``head_dim``, ``scaling``, projections).
         layer_idx: the layer's index in the model.
         num_layers: number of decoder layers.
+        layers: indices of the compressible layers, ascending.
         arch: the model's :class:`Architecture`.
         hidden_states: ``[B, S, hidden]`` the attention module's input (after the input norm).
         position_embeddings: ``(cos, sin)``, each ``[B or 1, S, rotary_dim]``.
@@ -46,6 +47,7 @@ class LayerContext:
     module: nn.Module
     layer_idx: int
     num_layers: int
+    layers: tuple[int, ...]
     arch: Architecture
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -142,8 +144,9 @@ class Press:
         n_real = valid.sum(-1, keepdim=True)
         return valid & ((rank < self.n_sink) | (rank >= n_real - self.window))
 
-    def select(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score and allocate one layer; returns ``(indices, slot_valid)`` as :func:`select_top` does."""
+    def layer_scores(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated fp32 scores ``[B, H_kv, S]`` with ``+inf`` on protected and ``-inf`` on padding tokens, and the
+        ``[B, S]`` protected mask."""
         scores = self.score(ctx)
         expected = ctx.keys.shape[:3]
         if scores.shape != expected:
@@ -155,13 +158,19 @@ class Press:
         big = torch.finfo(torch.float32).max
         scores = scores.clamp(-big, big)
         scores = scores.masked_fill(protected[:, None, :], math.inf).masked_fill(~ctx.valid[:, None, :], -math.inf)
-        counts = self._allocator.allocate(scores, ctx.valid, protected, self.ratio, ctx.layer_idx, ctx.num_layers)
+        return scores, protected
+
+    def select(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and allocate one layer (layer-scope allocator); returns ``(indices, slot_valid)`` of
+        :func:`select_top`."""
+        scores, protected = self.layer_scores(ctx)
+        counts = self._allocator.allocate(scores, ctx.valid, protected, self.ratio, ctx.layer_idx, ctx.layers)
         return select_top(scores, counts.to(scores.device))
 
     def compress(self, ctx: LayerContext) -> CompressedLayer:
         """Score, allocate, select and store one layer; returns the layer holding only kept entries."""
         indices, slot_valid = self.select(ctx)
-        return store_dense(ctx.keys, ctx.values, indices, slot_valid)
+        return store(ctx.keys, ctx.values, indices, slot_valid)
 
     # -- conveniences ----------------------------------------------------------------------------------
     def __call__(self, model: nn.Module):
@@ -173,8 +182,11 @@ class Press:
     def to_dict(self) -> dict:
         """JSON-ready description: ``{"press": name, **parameters}`` (``create_press`` reverses it)."""
         params = {f.name: getattr(self, f.name) for f in fields(self)}
-        if isinstance(self.allocator, Allocator):
-            params["allocator"] = self.allocator.name
+        for key, value in params.items():
+            if isinstance(value, Press):
+                params[key] = value.to_dict()
+            elif isinstance(value, Allocator):
+                params[key] = value.name
         return {"press": self.name, **params}
 
 
@@ -197,6 +209,25 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor
     order_key = torch.where(slot_valid, top, top + s)  # kept first, ascending; filler after
     indices = top.gather(-1, order_key.argsort(dim=-1))
     return indices, slot_valid
+
+
+def store(keys, values, indices, slot_valid) -> CompressedLayer | RaggedLayer:
+    """Dense layer when every head of a row keeps the same slots, ragged per-head layer otherwise."""
+    if bool((slot_valid == slot_valid[:, :1]).all()):
+        return store_dense(keys, values, indices, slot_valid)
+    return store_ragged(keys, values, indices, slot_valid)
+
+
+def store_ragged(keys, values, indices, slot_valid) -> RaggedLayer:
+    """Gather kept entries into a :class:`RaggedLayer` (no padding to the longest head).
+
+    Args: as :func:`store_dense`; ``slot_valid`` may differ between heads (valid slots come first).
+    """
+    d = keys.shape[-1]
+    gather = indices[..., None].expand(*indices.shape, d)
+    kept_keys = keys.gather(2, gather)[slot_valid]  # [N, D] in (b, h) row-major order
+    kept_values = values.gather(2, gather)[slot_valid]
+    return RaggedLayer(kept_keys.contiguous(), kept_values.contiguous(), slot_valid.sum(-1), keys.shape[2], keys.shape)
 
 
 def store_dense(keys, values, indices, slot_valid) -> CompressedLayer:

@@ -144,6 +144,12 @@ def create_press(name: str, **kwargs):
     return get_press_class(name)(**kwargs)
 
 
+def press_from_dict(data: dict):
+    """Inverse of :meth:`Press.to_dict`: ``{"press": name, **parameters}`` -> a press (nested presses too)."""
+    params = {k: press_from_dict(v) if isinstance(v, dict) and "press" in v else v for k, v in data.items()}
+    return create_press(params.pop("press"), **params)
+
+
 def get_allocator(name: str):
     """A new instance of the allocator registered as ``name``."""
     allocators = _collect().allocators

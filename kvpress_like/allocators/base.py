@@ -8,7 +8,7 @@ tokens (``min(n, n_sink + window)``) nor fewer than one.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -35,18 +35,23 @@ def row_budgets(valid: torch.Tensor, protected: torch.Tensor, ratio: float) -> t
 
 
 class Allocator:
-    """Decides per-head keep counts for one layer from that layer's scores (a layer-scope allocator).
+    """Decides per-head keep counts.
 
-    Subclasses set ``name`` and implement :meth:`allocate`.
+    A *layer-scope* allocator (``scope = "layer"``) implements :meth:`allocate` and decides inside one layer, right
+    after that layer's prefill. A *model-scope* allocator (``scope = "model"``) implements :meth:`allocate_model`
+    and sees every compressible layer's scores before any layer is pruned (peak memory: the full cache of the
+    context plus one ``[B, H_kv, S]`` fp32 score tensor per layer).
+    Subclasses set ``name`` and ``scope``.
     """
 
     name: ClassVar[str] = ""
+    scope: ClassVar[str] = "layer"
 
     def allocate(
         self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, ratio: float, layer_idx: int,
-        num_layers: int,
+        layers: Sequence[int],
     ) -> torch.Tensor:
-        """Keep counts for every head.
+        """Keep counts for every head of one layer.
 
         Args:
             scores: ``[B, H_kv, S]`` fp32 scores (higher = keep); padding is ``-inf``, protected tokens ``+inf``.
@@ -54,12 +59,68 @@ class Allocator:
             protected: ``[B, S]`` bool, always-kept tokens.
             ratio: the press's ratio.
             layer_idx: index of this layer in the model.
-            num_layers: number of decoder layers in the model.
+            layers: indices of every compressible layer of the model, ascending.
 
         Returns:
             ``[B, H_kv]`` long, each entry in ``[max(1, n_protected_b), n_real_b]``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is a {self.scope}-scope allocator")
+
+    def allocate_model(
+        self, scores: list[torch.Tensor], valid: torch.Tensor, protected: torch.Tensor, ratio: float,
+        layers: Sequence[int],
+    ) -> list[torch.Tensor]:
+        """Keep counts for every head of every compressible layer (model scope).
+
+        Args:
+            scores: one ``[B, H_kv, S]`` tensor per compressible layer, in the order of ``layers``.
+            valid, protected, ratio: as in :meth:`allocate` (shared by all layers).
+            layers: indices of the compressible layers.
+
+        Returns:
+            one ``[B, H_kv]`` long tensor per layer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is a {self.scope}-scope allocator")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def distribute(total: int, weights: list[float], lower: list[int], upper: list[int]) -> list[int]:
+    """Integers ``x_i`` in ``[lower_i, upper_i]`` summing exactly to ``total``, as proportional to ``weights`` as the
+    bounds allow (water-filling on the free part, then largest remainders).
+
+    Raises:
+        ValueError: ``total`` is outside ``[sum(lower), sum(upper)]``.
+    """
+    if not sum(lower) <= total <= sum(upper):
+        raise ValueError(f"cannot distribute {total} between bounds summing to {sum(lower)}..{sum(upper)}")
+    n = len(weights)
+    weights = [max(float(w), 0.0) for w in weights]
+    if sum(weights) <= 0:
+        weights = [1.0] * n
+    x = [float(v) for v in lower]
+    free = set(range(n))
+    remaining = total - sum(lower)
+    while remaining > 1e-9 and free:  # give each free entry its share; saturated entries leave the pool
+        weight_sum = sum(weights[i] for i in free) or float(len(free))
+        shares = {i: remaining * ((weights[i] / weight_sum) if weight_sum else 1 / len(free)) for i in free}
+        saturated = {i for i in free if x[i] + shares[i] >= upper[i]}
+        if not saturated:
+            for i in free:
+                x[i] += shares[i]
+            break
+        for i in saturated:
+            remaining -= upper[i] - x[i]
+            x[i] = float(upper[i])
+        free -= saturated
+    result = [int(v) for v in x]
+    order = sorted(range(n), key=lambda i: (x[i] - result[i]), reverse=True)
+    short = total - sum(result)
+    for i in order:
+        if short == 0:
+            break
+        if result[i] < upper[i]:
+            result[i] += 1
+            short -= 1
+    return result

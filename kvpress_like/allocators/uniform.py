@@ -12,6 +12,6 @@ class UniformAllocator(Allocator):
 
     name = "uniform"
 
-    def allocate(self, scores, valid, protected, ratio, layer_idx, num_layers) -> torch.Tensor:
+    def allocate(self, scores, valid, protected, ratio, layer_idx, layers) -> torch.Tensor:
         budget = row_budgets(valid, protected, ratio).to(scores.device)
         return budget[:, None].expand(scores.shape[0], scores.shape[1]).clone()

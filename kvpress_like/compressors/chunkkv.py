@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..press import LayerContext, Press, store_dense
+from ..press import LayerContext, Press, store
 from .snapkv import SnapKVPress
 
 
@@ -75,4 +75,4 @@ class ChunkKVPress(Press):
         else:
             indices, slot_valid = self.select(ctx)
             self._reused = (group, marker, indices, slot_valid)
-        return store_dense(ctx.keys, ctx.values, indices, slot_valid)
+        return store(ctx.keys, ctx.values, indices, slot_valid)

@@ -3,6 +3,11 @@
 It is the reference example of a plugin: a third-party package does the same from its own module.
 """
 
+from ..allocators.adaptive import HeadAdaptiveAllocator
+from ..allocators.dynamic import DynamicAllocator
+from ..allocators.kvcompose import KVComposeAllocator
+from ..allocators.per_layer import PerLayerAllocator
+from ..allocators.pyramid import PyramidAllocator
 from ..allocators.uniform import UniformAllocator
 from ..compressors.chunkkv import ChunkKVPress
 from ..compressors.compactor import CompactorPress
@@ -23,7 +28,9 @@ PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
 )
-ALLOCATORS = (UniformAllocator,)
+ALLOCATORS = (
+    UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,
+)
 ARCHITECTURES = (llama, mistral, qwen2, qwen3, gemma3, phi3)
 
 

@@ -1,0 +1,447 @@
+"""The ``kvpress-like`` command line.
+
+Subcommands:
+
+* ``presses``: every registered press (name, class, one-line description), allocator and architecture;
+* ``plugins``: every loaded plugin, its version and the hooks it implements;
+* ``run``: load a model (the embedded SmolLM2-135M-Instruct by default), compress the KV cache of a long context
+  with a press, ask a question about it and report the answer, the cache size before and after, and the times.
+
+``run`` compresses the context only (query-agnostic): the chat-templated prompt is split right after the context,
+the context part is prefilled in one forward inside ``with press(model, p)`` (that first forward of the cache is
+compressed), then the question and the assistant prefix are fed and the answer is greedily decoded on the
+compressed cache (later forwards are never compressed). Progress goes to stderr, the report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+DEFAULT_FILE_QUESTION = "What is the text above about? Answer in one sentence."
+
+
+# -- small helpers ---------------------------------------------------------------------------------------------------
+def _first_line(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _qualified(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _stage(message: str) -> None:
+    print(f"kvpress-like: {message}", file=sys.stderr, flush=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.2f} MiB)"
+
+
+class CLIError(Exception):
+    """A user error: printed as ``kvpress-like: error: ...`` with exit status 2."""
+
+
+def parse_press_args(items: list[str] | None) -> dict:
+    """``["window=32", "allocator=uniform"]`` -> ``{"window": 32, "allocator": "uniform"}``.
+
+    Values are read as Python literals (numbers, booleans, None, quoted strings) and kept as strings otherwise.
+    """
+    result = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CLIError(f"--press-arg takes key=value (e.g. --press-arg window=32); got {item!r}")
+        if key in ("ratio", "compression_ratio"):
+            raise CLIError("set the ratio with --ratio, not --press-arg")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        result[key] = value
+    return result
+
+
+# -- presses / plugins -----------------------------------------------------------------------------------------------
+def cmd_presses(args) -> int:
+    from . import registry
+    from .context import SUPPORTED_ATTENTION
+
+    presses = {name: registry.get_press_class(name) for name in registry.list_presses()}
+    allocators = {name: type(registry.get_allocator(name)) for name in registry.list_allocators()}
+    architectures = registry.list_architectures()
+    if args.json:
+        data = {
+            "presses": [{"name": n, "class": _qualified(c), "doc": _first_line(c)} for n, c in presses.items()],
+            "allocators": [{"name": n, "class": _qualified(c), "doc": _first_line(c)} for n, c in allocators.items()],
+            "architectures": [{"name": n, "model_types": list(t)} for n, t in architectures.items()],
+            "attention_implementations": list(SUPPORTED_ATTENTION),
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+
+    def table(rows):
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+            print("  " + "  ".join(cells + [row[-1]]).rstrip())
+
+    print("Presses (kvpress_like.create_press(name, ratio=...), kvpress-like run --press NAME):")
+    table([(n, _qualified(c), _first_line(c)) for n, c in presses.items()])
+    print()
+    print("Allocators (Press(..., allocator=NAME)):")
+    table([(n, _qualified(c), _first_line(c)) for n, c in allocators.items()])
+    print()
+    print("Architectures (config.model_type):")
+    table([(n, ", ".join(t)) for n, t in architectures.items()])
+    print()
+    print(f"Attention implementations: {', '.join(SUPPORTED_ATTENTION)}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from . import registry
+
+    plugins = registry.list_plugins()
+    if args.json:
+        print(json.dumps(plugins, indent=2))
+        return 0
+    name_width = max([len("name")] + [len(p["name"]) for p in plugins])
+    version_width = max([len("version")] + [len(p["version"] or "-") for p in plugins])
+    print(f"{'name'.ljust(name_width)}  {'version'.ljust(version_width)}  hooks")
+    for p in plugins:
+        hooks = ", ".join(p["hooks"]) or "-"
+        print(f"{p['name'].ljust(name_width)}  {(p['version'] or '-').ljust(version_width)}  {hooks}")
+    if os.environ.get(registry.DISABLE_ENV, "") not in ("", "0"):
+        print(f"(third-party plugins are disabled: {registry.DISABLE_ENV} is set)")
+    return 0
+
+
+# -- run -------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What ``kvpress-like run`` measured (``--json`` prints it)."""
+
+    press: str
+    context_tokens: int
+    question_tokens: int
+    answer: str
+    generated_tokens: int
+    bytes_before: int
+    bytes_after: int
+    kept_fraction: float
+    compressed_layers: int
+    prefill_seconds: float
+    decode_seconds: float
+    load_seconds: float = 0.0
+    expected: str | None = None
+    found: bool | None = None
+
+
+def split_prompt(tokenizer, context: str, question: str) -> tuple[str, str, bool]:
+    """Split the prompt into the context part (compressed) and the rest (question, assistant prefix).
+
+    With a chat template, the user message is ``context + "\\n\\n" + question`` and the templated text is cut right
+    after the context. Without one, the prompt is ``context`` then ``"\\n\\nQuestion: ...\\nAnswer:"``.
+
+    Returns:
+        ``(prefix, suffix, templated)``: ``prefix + suffix`` is the whole prompt text.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        user = f"{context}\n\n{question}"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        start = text.find(user)
+        if start >= 0:
+            cut = start + len(context)
+            return text[:cut], text[cut:], True
+    return context, f"\n\nQuestion: {question}\nAnswer:", False
+
+
+def encode_prompt(tokenizer, context: str, question: str):
+    """``(context_ids, suffix_ids)``, each ``[1, n]`` long: the tokens of :func:`split_prompt`'s two parts."""
+    import torch
+
+    prefix, suffix, templated = split_prompt(tokenizer, context, question)
+    # A chat template writes its own special tokens; without one, the tokenizer adds BOS to the prefix.
+    context_ids = tokenizer(prefix, add_special_tokens=not templated)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if not context_ids or not suffix_ids:
+        raise CLIError("the context and the question must both be non-empty after tokenization")
+    return torch.tensor([context_ids]), torch.tensor([suffix_ids])
+
+
+@contextmanager
+def _layer_progress(model, desc: str, enabled: bool = True):
+    """A tqdm bar ticking once per decoder layer of one forward (stderr, only on a terminal)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is part of the [eval] extra; stage messages still show progress
+        yield
+        return
+    from .registry import architecture_for
+
+    layers = architecture_for(model.config).decoder_layers(model)
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", file=sys.stderr, disable=None if enabled else True,
+               leave=False)
+    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: int = 32, progress: bool = True):
+    """Prefill-compress ``context`` with press ``p``, then answer ``question`` greedily on the compressed cache.
+
+    Args:
+        model: a supported causal LM in eval mode.
+        tokenizer: its tokenizer.
+        p: the press.
+        context: the long text to compress.
+        question: asked after the context (never compressed).
+        max_new_tokens: decoding budget.
+        progress: show a per-layer progress bar while prefilling (on a terminal).
+
+    Returns:
+        A :class:`RunResult` (``load_seconds``, ``expected`` and ``found`` are left for the caller).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from .cache import CompressedLayer, cache_bytes
+    from .context import press
+    from .eval.model import full_cache_bytes
+    from .press import describe
+
+    context_ids, suffix_ids = encode_prompt(tokenizer, context, question)
+    device = next(model.parameters()).device
+    context_ids, suffix_ids = context_ids.to(device), suffix_ids.to(device)
+    n_context = context_ids.shape[1]
+    dtype = next(model.parameters()).dtype
+    eos = _eos_ids(model, tokenizer)
+    forward_kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        forward_kwargs["logits_to_keep"] = 1  # only the next-token logits are needed
+
+    cache = DynamicCache(config=model.config)
+    generated: list[int] = []
+    with press(model, p), torch.no_grad():
+        _stage(f"prefill+compress: {n_context:,} context tokens with {describe(p)} ...")
+        start = time.perf_counter()
+        with _layer_progress(model, "prefill+compress", enabled=progress):
+            model(input_ids=context_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+        prefill_seconds = time.perf_counter() - start
+        bytes_after = cache_bytes(cache)
+        compressed = [layer for layer in cache.layers if isinstance(layer, CompressedLayer)]
+        if compressed:
+            kept = sum(layer.physical_length for layer in compressed)
+            kept_fraction = kept / sum(layer.get_seq_length() for layer in compressed)
+        else:
+            kept_fraction = 1.0
+
+        _stage(f"decode: question ({suffix_ids.shape[1]} tokens) and up to {max_new_tokens} new tokens ...")
+        start = time.perf_counter()
+        logits = model(input_ids=suffix_ids, past_key_values=cache, use_cache=True, **forward_kwargs).logits[:, -1]
+        for step in range(max_new_tokens):
+            token = int(logits.argmax(-1)[0])
+            if token in eos:
+                break
+            generated.append(token)
+            if step + 1 < max_new_tokens:
+                next_ids = torch.tensor([[token]], device=device)
+                logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        decode_seconds = time.perf_counter() - start
+
+    answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    return RunResult(
+        press=describe(p),
+        context_tokens=n_context,
+        question_tokens=suffix_ids.shape[1],
+        answer=answer,
+        generated_tokens=len(generated),
+        bytes_before=full_cache_bytes(model.config, n_context, batch_size=1, dtype=dtype),
+        bytes_after=bytes_after,
+        kept_fraction=kept_fraction,
+        compressed_layers=len(compressed),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+    )
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .eval import model as eval_model
+    from .eval import sample as eval_sample
+    from .registry import architecture_for, create_press
+
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.length is not None and args.length < 1:
+        raise CLIError(f"--length must be >= 1; got {args.length}")
+    press_args = parse_press_args(args.press_arg)
+    try:
+        p = create_press(args.press, ratio=args.ratio, **press_args)
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"cannot create press {args.press!r}: {error}") from error
+    if args.context_file is not None:
+        try:
+            with open(args.context_file, encoding="utf-8") as handle:
+                file_text = handle.read()
+        except OSError as error:
+            raise CLIError(f"cannot read --context-file: {error}") from error
+        if not file_text.strip():
+            raise CLIError(f"--context-file {args.context_file} is empty")
+    else:
+        eval_sample.data_dir()  # fail early, before the slow model load, if the haystack is not installed
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+    _stage(f"loading model {label} ...")
+    start = time.perf_counter()
+    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    load_seconds = time.perf_counter() - start
+    _stage(f"model loaded in {load_seconds:.1f} s")
+    try:
+        architecture_for(model.config)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+
+    expected = None
+    if args.context_file is not None:
+        context = file_text
+        if args.length is not None:
+            context = eval_sample.truncate_to_tokens(tokenizer, context, args.length)
+        question = args.question or DEFAULT_FILE_QUESTION
+        source = f"file {args.context_file}"
+    else:
+        length = args.length if args.length is not None else 1024
+        try:
+            sample = eval_sample.build_sample(tokenizer, length=length, depth=args.depth)
+        except ValueError as error:
+            raise CLIError(str(error)) from error
+        context = sample.context
+        question = args.question or sample.question
+        expected = sample.answer if args.question is None else None
+        source = f"built-in sample (Paul Graham essays, needle at depth {args.depth:g})"
+
+    result = run_job(model, tokenizer, p, context, question, max_new_tokens=args.max_new_tokens,
+                     progress=not args.no_progress)
+    result.load_seconds = load_seconds
+    if expected is not None:
+        result.expected = expected
+        result.found = expected in result.answer
+
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    bytes_ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
+    print(f"model:           {label}")
+    print(f"press:           {result.press}")
+    print(f"context:         {result.context_tokens:,} tokens, {source}")
+    print(f"question:        {question}")
+    print("answer:          " + result.answer.replace("\n", "\n                 "))
+    if result.expected is not None:
+        print(f"expected:        {result.expected} ({'found' if result.found else 'NOT found'} in the answer)")
+    print(f"KV cache before: {_mib(result.bytes_before)}  (full cache of the context)")
+    print(f"KV cache after:  {_mib(result.bytes_after)}  (compressed, kvpress_like.cache_bytes)")
+    print(f"kept fraction:   {bytes_ratio:.3f} of the bytes; {result.kept_fraction:.3f} of the KV pairs in the "
+          f"{result.compressed_layers} compressed layers (ratio {p.ratio:g})")
+    print(f"time:            load {result.load_seconds:.1f} s, prefill+compress {result.prefill_seconds:.2f} s, "
+          f"decode {result.decode_seconds:.2f} s ({result.generated_tokens} tokens)")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpress-like",
+        description="KV-cache compression (presses) for Hugging Face transformers causal LMs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    presses = sub.add_parser("presses", help="list the registered presses, allocators and architectures")
+    presses.add_argument("--json", action="store_true", help="print JSON")
+    presses.set_defaults(func=cmd_presses)
+
+    plugins = sub.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.set_defaults(func=cmd_plugins)
+
+    run = sub.add_parser(
+        "run",
+        help="compress a long context with a press and answer a question about it",
+        description="Load a model, prefill-compress a long context with a press (query-agnostic: only the context "
+        "is compressed), then answer a question on the compressed cache. Reports the answer, the KV-cache bytes "
+        "before and after compression and the times. Without --context-file, a built-in needle-in-a-haystack "
+        "sample is used.",
+    )
+    run.add_argument("--model", default="default",
+                     help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
+    run.add_argument("--press", default="snapkv", help="registered press name (kvpress-like presses; default: snapkv)")
+    run.add_argument("--ratio", type=float, default=0.5,
+                     help="fraction of the context's KV pairs removed, in [0, 1) (default: 0.5)")
+    run.add_argument("--press-arg", action="append", metavar="KEY=VALUE",
+                     help="extra press parameter, repeatable (e.g. --press-arg window=32 "
+                     "--press-arg allocator=uniform)")
+    run.add_argument("--context-file", metavar="FILE", help="UTF-8 text file to use as the context")
+    run.add_argument("--length", type=int, default=None,
+                     help="context length in tokens: of the built-in sample (default 1024), or the file is cut to it")
+    run.add_argument("--depth", type=float, default=0.5, help="needle depth of the built-in sample in [0, 1]")
+    run.add_argument("--question", help="question asked after the context (default: the sample's question)")
+    run.add_argument("--max-new-tokens", type=int, default=32, help="decoding budget (default: 32)")
+    run.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (stage messages still go to stderr)")
+    run.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``kvpress-like`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as error:
+        print(f"kvpress-like: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        from .eval.model import ModelNotAvailableError
+        from .eval.sample import DataNotAvailableError
+
+        if isinstance(error, (ModelNotAvailableError, DataNotAvailableError)):
+            print(f"kvpress-like: error: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
