@@ -46,11 +46,14 @@ class CompressedLayer(DynamicLayer):
     @property
     def physical_length(self) -> int:
         """Number of stored entries per row and head (``P``)."""
-        return self.keys.shape[-2]
+        return 0 if self.keys is None else self.keys.shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, H_kv, q, D]`` new keys and values; returns the whole stored keys and values."""
         q = key_states.shape[-2]
+        if not self.is_initialized:  # after reset()
+            self.lazy_initialization(key_states, value_states)
+            self.valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
         new_valid = self.pending_valid
         if new_valid is None:
             new_valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.valid.device)
@@ -106,8 +109,10 @@ class CompressedLayer(DynamicLayer):
         self.logical_length -= n
 
     def reset(self) -> None:
+        """Empty the layer; it then behaves as a plain growing layer (a new prefill under a press replaces it)."""
         super().reset()
         self.valid = None
+        self.pending_valid = None
         self.logical_length = 0
         self.compressed_length = 0
 
@@ -263,7 +268,17 @@ class RaggedLayer(CacheLayerMixin):
             self.logical_length -= n
 
     def reset(self) -> None:
-        raise NotImplementedError("a ragged compressed layer cannot be reset; create a new cache instead")
+        """Empty the layer (no compressed entries, no appended tokens); it then grows as a dense layer."""
+        b, h = self.lengths.shape
+        d = self.flat_keys.shape[-1]
+        self.flat_keys, self.flat_values = self.flat_keys[:0], self.flat_values[:0]
+        self.keys, self.values = self.flat_keys, self.flat_values
+        self.lengths = torch.zeros_like(self.lengths)
+        self.tail_keys = self.flat_keys.new_zeros(b, h, 0, d)
+        self.tail_values = self.flat_values.new_zeros(b, h, 0, d)
+        self.tail_valid = self.tail_valid[:, :0]
+        self.pending_valid = None
+        self.logical_length = 0
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError(

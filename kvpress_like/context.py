@@ -19,10 +19,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from transformers.cache_utils import DynamicLayer
+
 from .cache import CompressedLayer, RaggedLayer
 from .press import LayerContext, Press, select_top, store
 
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()  # model -> press
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()  # attention module -> press
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -85,7 +88,9 @@ class _LayerHooks:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
         self.is_prefill = layer is None or layer.get_seq_length() == 0
-        if not isinstance(layer, (CompressedLayer, RaggedLayer)):
+        if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
+            cache.layers[self.layer_idx] = DynamicLayer()  # a reset compressed layer: start afresh
+        if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
             return None
         hidden = kwargs["hidden_states"]
         q = hidden.shape[1]
@@ -143,11 +148,6 @@ def press(model: nn.Module, p: Press):
         raise TypeError(f"press(model, p): p must be a Press, got {type(p).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"press(model, p): model must be a torch.nn.Module, got {type(model).__name__}")
-    if model in _ACTIVE:
-        raise ValueError(
-            f"model already has a press installed ({type(_ACTIVE[model]).__name__}); "
-            "exit its `with press(...)` block before installing another"
-        )
     arch = architecture_for(model.config)
     impl = model.config._attn_implementation
     if impl not in SUPPORTED_ATTENTION:
@@ -163,20 +163,29 @@ def press(model: nn.Module, p: Press):
         )
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary_emb = getattr(base, "rotary_emb", None)
+    attentions = [arch.attention(layers[idx]) for idx in compressible]
+    installed = next((_HOOKED[a] for a in attentions if a in _HOOKED), None)
+    if installed is not None:
+        raise ValueError(
+            f"model already has a press installed ({type(installed).__name__}); "
+            "exit its `with press(...)` block before installing another"
+        )
     layer_ids = tuple(compressible)
     model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" else None
     handles = []
     _ACTIVE[model] = p
     try:
-        for idx in compressible:
+        for idx, attn in zip(compressible, attentions):
             hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope)
-            attn = arch.attention(layers[idx])
+            _HOOKED[attn] = p
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        for attn in attentions:
+            _HOOKED.pop(attn, None)
         _ACTIVE.pop(model, None)
 
 

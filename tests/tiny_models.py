@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import (
     Gemma3ForCausalLM,
@@ -19,8 +21,13 @@ from transformers import (
 )
 
 COMMON = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=4096,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
 )
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
@@ -40,7 +47,9 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
     elif arch == "gemma3":
         kwargs.setdefault("num_hidden_layers", 3)
         config = Gemma3TextConfig(
-            head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "full_attention"],
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
             **kwargs,
         )
         cls = Gemma3ForCausalLM
@@ -52,3 +61,97 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
     torch.manual_seed(seed)
     model = cls(config).eval()
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers shared by the core test-suite (test_core, test_architectures, test_positions, test_errors, test_cache).
+# They never import the package under test, so they can serve as independent references.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_MODEL_CACHE: dict = {}
+
+
+def perturb_norm_weights(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Add seeded noise to every RMSNorm weight (in place) and return the model.
+
+    Freshly initialised norms have constant weights, so the per-head ``q_norm``/``k_norm`` of Qwen3 and Gemma3 give
+    every key the same L2 norm (``sqrt(head_dim)``): key-norm scores then tie and float noise decides the top-k.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                module.weight.add_(scale * torch.randn(module.weight.shape, generator=generator))
+    return model
+
+
+def cached_tiny_model(
+    arch: str, attn_implementation: str = "sdpa", seed: int = 0, perturb_norms: bool = False, **overrides
+) -> torch.nn.Module:
+    """Like :func:`tiny_model`, but built once per argument set and reused (tests must leave it unmodified).
+
+    ``overrides`` may contain e.g. ``initializer_range=0.2`` for sharper (less uniform) attention;
+    ``perturb_norms`` applies :func:`perturb_norm_weights` (well separated key norms).
+    """
+    key = (arch, attn_implementation, seed, perturb_norms, tuple(sorted(overrides.items())))
+    if key not in _MODEL_CACHE:
+        model = tiny_model(arch, attn_implementation, seed=seed, **overrides)
+        _MODEL_CACHE[key] = perturb_norm_weights(model, seed=seed) if perturb_norms else model
+    return _MODEL_CACHE[key]
+
+
+def random_ids(n: int, batch: int = 1, seed: int = 0, vocab: int = 128, distinct: bool = False) -> torch.Tensor:
+    """``[batch, n]`` random token ids in ``[1, vocab)`` (0 is kept free for padding).
+
+    ``distinct=True`` draws each row without repetition: a repeated token has the same key norm in layer 0 (RoPE is a
+    rotation), which would tie key-norm scores exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if distinct:
+        return torch.stack([torch.randperm(vocab - 1, generator=generator)[:n] + 1 for _ in range(batch)])
+    return torch.randint(1, vocab, (batch, n), generator=generator)
+
+
+def full_attention_layers(config) -> list[int]:
+    """Indices of the layers that use full (not sliding-window) attention, read from the config alone."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        types = [kind] * config.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind == "full_attention"]
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D prompts into ``(input_ids [B, L], attention_mask [B, L])``."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = prompt
+        mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
+def attention_hooks(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """``(module name, number of hooks)`` for every module that still has forward (pre-)hooks."""
+    found = []
+    for name, module in model.named_modules():
+        count = len(module._forward_hooks) + len(module._forward_pre_hooks)
+        if count:
+            found.append((name, count))
+    return found
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op torch threads, then restore the previous setting.
+
+    Tiny models gain nothing from parallel kernels, and with several test processes on a 2-core machine the default
+    thread pool oversubscribes the CPU (a 10x slowdown was observed); test modules use this around their tests.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

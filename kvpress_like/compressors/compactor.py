@@ -20,7 +20,8 @@ import torch
 
 from ..press import LayerContext, Press
 from .leverage import leverage_scores
-from .non_causal_attention import non_causal_attention_scores, pool
+from .non_causal_attention import non_causal_attention_scores
+from .snapkv import pool
 
 
 def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,6 @@ class CompactorPress(Press):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         attention = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling,
                                                 self.chunk_size)
-        attention = pool(attention, self.kernel_size)
+        attention = pool(attention, ctx.valid, self.kernel_size)
         leverage = leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)
         return standardise(attention, ctx.valid) + self.blending * standardise(leverage, ctx.valid)

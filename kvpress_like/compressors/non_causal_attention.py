@@ -15,19 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..press import LayerContext, Press
-
-
-def pool(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Average-pool ``[B, H, S]`` scores over ``kernel_size`` neighbouring tokens (same length out)."""
-    if kernel_size <= 1:
-        return scores
-    b, h, s = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(b * h, 1, s), kernel_size, stride=1, padding=kernel_size // 2,
-                          count_include_pad=False)
-    return pooled.view(b, h, s)
+from .snapkv import pool
 
 
 def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
@@ -81,4 +71,4 @@ class NonCausalAttentionPress(Press):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         scores = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling, self.chunk_size)
-        return pool(scores, self.kernel_size)
+        return pool(scores, ctx.valid, self.kernel_size)

@@ -21,6 +21,25 @@ import torch.nn.functional as F
 from ..press import LayerContext, Press
 
 
+def pool(scores: torch.Tensor, valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Average of each token's score with its ``kernel_size`` neighbours, over real tokens only.
+
+    Args:
+        scores: ``[B, H, S]``; valid: ``[B, S]`` bool (padding neither contributes nor counts).
+
+    Returns:
+        ``[B, H, S]``, 0 on padding; a padded row scores exactly as the same row without padding.
+    """
+    if kernel_size <= 1:
+        return scores * valid[:, None, :]
+    b, h, s = scores.shape
+    weight = valid[:, None, :].to(scores.dtype).expand(b, h, s)
+    args = dict(kernel_size=kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    total = F.avg_pool1d((scores * weight).reshape(b * h, 1, s), **args)
+    count = F.avg_pool1d(weight.reshape(b * h, 1, s), **args)
+    return (total / count.clamp(min=1e-12)).view(b, h, s) * weight
+
+
 def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     """Softmax attention of the last ``window`` queries onto every key.
 
@@ -63,8 +82,4 @@ class SnapKVPress(Press):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         weights = window_attention(ctx, self.window)  # [B, H_kv, G, W, S]
-        scores = weights.sum(dim=3).mean(dim=2)  # [B, H_kv, S]
-        b, h, s = scores.shape
-        pooled = F.avg_pool1d(scores.view(b * h, 1, s), self.kernel_size, stride=1, padding=self.kernel_size // 2,
-                              count_include_pad=False)
-        return pooled.view(b, h, s)
+        return pool(weights.sum(dim=3).mean(dim=2), ctx.valid, self.kernel_size)
