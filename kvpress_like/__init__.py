@@ -44,6 +44,10 @@ from .registry import (
 
 __version__ = "0.1.0"
 
+from .pipeline import register as _register_pipeline  # noqa: E402
+
+_register_pipeline()
+
 __all__ = [
     "Allocator",
     "Architecture",

@@ -1,0 +1,169 @@
+"""The transformers pipeline task ``kv-press-text-generation``: compress a context once, answer questions on it.
+
+    from transformers import pipeline
+    import kvpress_like  # registers the task
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    pipe(context, question="...", press=CompactorPress(ratio=0.5))["answer"]
+
+Only the context is compressed (query-agnostic) unless ``compress_questions=True``. Several questions reuse one
+compressed context: after each answer the cache is cropped back to its compressed-context state (no second
+prefill).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .cache import CompressedLayer, RaggedLayer, cache_bytes
+from .context import press as press_context
+from .press import Press
+
+TASK = "kv-press-text-generation"
+
+
+def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[str, str, bool]:
+    """Split a prompt into the context part (compressed) and the rest (question, assistant prefix, answer prefix).
+
+    With a chat template the user message is ``context + "\\n\\n" + question`` and the templated text is cut right
+    after the context; without one the prompt is ``context + "\\n\\nQuestion: ...\\nAnswer:"``.
+
+    Returns:
+        ``(prefix, suffix, templated)``: ``prefix + suffix`` is the whole prompt text.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        user = f"{context}\n\n{question}"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        start = text.find(user)
+        if start >= 0:
+            cut = start + len(context)
+            return text[:cut], text[cut:] + answer_prefix, True
+    return context, f"\n\nQuestion: {question}\nAnswer:{' ' + answer_prefix if answer_prefix else ''}", False
+
+
+def encode_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context_ids, suffix_ids)``, each ``[1, n]``: the tokens of :func:`split_prompt`'s two parts."""
+    prefix, suffix, templated = split_prompt(tokenizer, context, question, answer_prefix)
+    context_ids = tokenizer(prefix, add_special_tokens=not templated)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if not context_ids or not suffix_ids:
+        raise ValueError("the context and the question must both be non-empty after tokenization")
+    return torch.tensor([context_ids]), torch.tensor([suffix_ids])
+
+
+def kept_fraction(cache) -> float:
+    """Fraction of the context's KV pairs kept, over the compressed layers of ``cache`` (1.0 if none)."""
+    kept = total = 0
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            kept += int(layer.lengths.sum())
+            total += layer.lengths.numel() * (layer.logical_length - layer.tail_keys.shape[2])
+        elif isinstance(layer, CompressedLayer):
+            kept += int(layer.valid[:, : layer.compressed_length].sum()) * layer.keys.shape[1]
+            appended = layer.physical_length - layer.compressed_length
+            total += layer.keys.shape[0] * layer.keys.shape[1] * (layer.logical_length - appended)
+    return kept / total if total else 1.0
+
+
+class KVPressTextGenerationPipeline(Pipeline):
+    """Answer one or several questions about a long context whose KV cache is compressed by a press.
+
+    Call arguments:
+        context (str): the long text (compressed).
+        question (str) or questions (list[str]): asked after the context.
+        press (Press | None): the press; ``None`` keeps the full cache.
+        answer_prefix (str): text the answer starts with (also fed to the model).
+        max_new_tokens (int): decoding budget per question (default 50).
+        compress_questions (bool): compress the question together with the context (query-aware); each question
+            then needs its own prefill.
+        return_cache_stats (bool): also return ``cache_stats`` (bytes of the full context cache, bytes after
+            compression, kept fraction).
+
+    Returns:
+        ``{"answer": str}`` for one ``question``, ``{"answers": [str, ...]}`` for ``questions``; plus
+        ``"cache_stats"`` on request.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def _sanitize_parameters(self, question=None, questions=None, press=None, answer_prefix="", max_new_tokens=50,
+                             compress_questions=False, return_cache_stats=False, **kwargs):
+        if kwargs:
+            raise TypeError(f"{TASK} got unexpected arguments: {', '.join(sorted(kwargs))}")
+        if question is not None and questions is not None:
+            raise ValueError("pass either question= (a string) or questions= (a list of strings), not both")
+        qs = None if question is None and questions is None else ([question] if question is not None else questions)
+        if qs is not None and (isinstance(qs, str) or not qs or not all(isinstance(q, str) and q for q in qs)):
+            raise ValueError("question must be a non-empty string and questions a non-empty list of them")
+        if press is not None and not isinstance(press, Press):
+            raise TypeError(f"press must be a kvpress_like Press or None; got {type(press).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        preprocess = {"questions": qs, "answer_prefix": answer_prefix, "compress_questions": bool(compress_questions)}
+        forward = {"press": press, "max_new_tokens": max_new_tokens}
+        post = {"single": question is not None, "return_cache_stats": bool(return_cache_stats)}
+        return preprocess, forward, post
+
+    def preprocess(self, context, questions, answer_prefix, compress_questions):
+        if questions is None:
+            raise ValueError(f"{TASK} needs question= (a string) or questions= (a list of strings)")
+        if not isinstance(context, str) or not context:
+            raise ValueError("context must be a non-empty string")
+        parts = [encode_prompt(self.tokenizer, context, q, answer_prefix) for q in questions]
+        if compress_questions:  # the question joins the compressed part; only the assistant prefix remains
+            return {"prefills": [torch.cat([c, s[:, :-1]], dim=1) for c, s in parts],
+                    "suffixes": [s[:, -1:] for _, s in parts]}
+        return {"prefills": [parts[0][0]], "suffixes": [s for _, s in parts]}
+
+    def _forward(self, inputs, press, max_new_tokens):
+        prefills, suffixes = inputs["prefills"], inputs["suffixes"]
+        answers, stats, cache = [], None, None
+        with press_context(self.model, press) if press is not None else nullcontext():
+            for i, suffix in enumerate(suffixes):
+                prefill = prefills[i] if len(prefills) > 1 else prefills[0]
+                if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
+                    cache = self._prefill(prefill)
+                    stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
+                                      "context_tokens": prefill.shape[1]}
+                compressed_length = cache.get_seq_length()
+                prompt = torch.cat([prefill, suffix], dim=1)
+                output = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                             max_new_tokens=max_new_tokens, do_sample=False)
+                answers.append(output[0, prompt.shape[1]:])
+                cache.crop(compressed_length - cache.get_seq_length())  # back to the compressed context
+        return {"answers": answers, "stats": stats}
+
+    def _prefill(self, input_ids: torch.Tensor) -> DynamicCache:
+        """A cache holding ``input_ids`` ``[1, n]`` (compressed when a press is installed), ready to be cropped."""
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # sliding-window layers must remember evicted states to be cropped back
+            if hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording()
+        return cache
+
+    def postprocess(self, outputs, single, return_cache_stats):
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs["answers"]]
+        result = {"answer": texts[0]} if single else {"answers": texts}
+        if return_cache_stats:
+            from .eval.model import full_cache_bytes
+
+            stats = dict(outputs["stats"])
+            stats["bytes_before"] = full_cache_bytes(self.model.config, stats["context_tokens"], batch_size=1,
+                                                     dtype=self.model.dtype)
+            result["cache_stats"] = stats
+        return result
+
+
+def register() -> None:
+    """Register the ``kv-press-text-generation`` task with transformers (done on ``import kvpress_like``)."""
+    if TASK not in PIPELINE_REGISTRY.supported_tasks:
+        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=KVPressTextGenerationPipeline,
+                                            pt_model=AutoModelForCausalLM)
