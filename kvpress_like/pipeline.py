@@ -69,6 +69,25 @@ def kept_fraction(cache) -> float:
     return kept / total if total else 1.0
 
 
+def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.Tensor, max_new_tokens: int):
+    """Greedy answer to ``suffix_ids`` ``[1, q]`` on a cache holding ``context_ids`` ``[1, S]`` (compressed or
+    not), then crop the cache back to the context. Returns the generated ids ``[n]``.
+
+    Run it inside ``with press(model, p)`` when the cache holds ragged or padded compressed layers.
+    """
+    context_length = cache.get_seq_length()
+    for layer in cache.layers:  # sliding-window layers must remember evicted states to be cropped back
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    if context_length != context_ids.shape[1]:
+        raise ValueError(f"the cache has seen {context_length} tokens but context_ids has {context_ids.shape[1]}")
+    prompt = torch.cat([context_ids, suffix_ids.to(context_ids.device)], dim=1)
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                            max_new_tokens=max_new_tokens, do_sample=False)
+    cache.crop(context_length - cache.get_seq_length())
+    return output[0, prompt.shape[1]:]
+
+
 class KVPressTextGenerationPipeline(Pipeline):
     """Answer one or several questions about a long context whose KV cache is compressed by a press.
 
@@ -132,21 +151,13 @@ class KVPressTextGenerationPipeline(Pipeline):
                     cache = self._prefill(prefill)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
                                       "context_tokens": prefill.shape[1]}
-                compressed_length = cache.get_seq_length()
-                prompt = torch.cat([prefill, suffix], dim=1)
-                output = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
-                                             max_new_tokens=max_new_tokens, do_sample=False)
-                answers.append(output[0, prompt.shape[1]:])
-                cache.crop(compressed_length - cache.get_seq_length())  # back to the compressed context
+                answers.append(answer_on_cache(self.model, cache, prefill, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
 
     def _prefill(self, input_ids: torch.Tensor) -> DynamicCache:
-        """A cache holding ``input_ids`` ``[1, n]`` (compressed when a press is installed), ready to be cropped."""
+        """A cache holding ``input_ids`` ``[1, n]`` (compressed when a press is installed)."""
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        for layer in cache.layers:  # sliding-window layers must remember evicted states to be cropped back
-            if hasattr(layer, "activate_past_recording"):
-                layer.activate_past_recording()
         return cache
 
     def postprocess(self, outputs, single, return_cache_stats):
