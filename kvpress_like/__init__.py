@@ -28,6 +28,7 @@ from .compressors.snapkv import SnapKVPress
 from .compressors.streaming_llm import StreamingLLMPress
 from .compressors.tova import TOVAPress
 from .context import press
+from .decoding import DecodingPress
 from .patches.base import Architecture
 from .press import LayerContext, Press
 from .registry import (
@@ -45,6 +46,7 @@ from .registry import (
 __version__ = "0.1.0"
 
 from .pipeline import register as _register_pipeline  # noqa: E402
+from .saved_cache import load_cache, save_cache  # noqa: E402
 
 _register_pipeline()
 
@@ -60,6 +62,7 @@ __all__ = [
     "ObservedAttentionPress",
     "TOVAPress",
     "CompressedLayer",
+    "DecodingPress",
     "DynamicAllocator",
     "HeadAdaptiveAllocator",
     "KVComposeAllocator",
@@ -80,6 +83,8 @@ __all__ = [
     "list_architectures",
     "list_plugins",
     "list_presses",
+    "load_cache",
+    "save_cache",
     "press",
     "press_from_dict",
     "register_plugin",

@@ -30,8 +30,9 @@ DEFAULT_FILE_QUESTION = "What is the text above about? Answer in one sentence."
 
 # -- small helpers ---------------------------------------------------------------------------------------------------
 def _first_line(obj) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first paragraph of a docstring on one line (summaries may wrap over several lines)."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
 
 def _qualified(cls) -> str:
@@ -77,7 +78,9 @@ def cmd_presses(args) -> int:
     from .context import SUPPORTED_ATTENTION
 
     presses = {name: registry.get_press_class(name) for name in registry.list_presses()}
-    allocators = {name: type(registry.get_allocator(name)) for name in registry.list_allocators()}
+    # Classes, not instances: some allocators need constructor arguments (e.g. per_layer's ratios).
+    allocator_classes = registry._collect().allocators
+    allocators = {name: allocator_classes[name] for name in registry.list_allocators()}
     architectures = registry.list_architectures()
     if args.json:
         data = {
@@ -213,6 +216,18 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _kept_entries(layer) -> tuple[int, int] | None:
+    """``(kept, total)`` KV pairs of a freshly compressed layer (over batch rows and KV heads), ``None`` if dense."""
+    from .cache import CompressedLayer, RaggedLayer
+
+    if isinstance(layer, RaggedLayer):
+        return int(layer.lengths.sum()), layer.lengths.numel() * layer.logical_length
+    if isinstance(layer, CompressedLayer):
+        heads = layer.keys.shape[1]
+        return int(layer.valid.sum()) * heads, layer.keys.shape[0] * heads * layer.logical_length
+    return None
+
+
 def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: int = 32, progress: bool = True):
     """Prefill-compress ``context`` with press ``p``, then answer ``question`` greedily on the compressed cache.
 
@@ -231,7 +246,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
     import torch
     from transformers import DynamicCache
 
-    from .cache import CompressedLayer, cache_bytes
+    from .cache import cache_bytes
     from .context import press
     from .eval.model import full_cache_bytes
     from .press import describe
@@ -255,12 +270,9 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
             model(input_ids=context_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
         prefill_seconds = time.perf_counter() - start
         bytes_after = cache_bytes(cache)
-        compressed = [layer for layer in cache.layers if isinstance(layer, CompressedLayer)]
-        if compressed:
-            kept = sum(layer.physical_length for layer in compressed)
-            kept_fraction = kept / sum(layer.get_seq_length() for layer in compressed)
-        else:
-            kept_fraction = 1.0
+        counts = [_kept_entries(layer) for layer in cache.layers]
+        compressed = [count for count in counts if count is not None]
+        kept_fraction = sum(k for k, _ in compressed) / sum(t for _, t in compressed) if compressed else 1.0
 
         _stage(f"decode: question ({suffix_ids.shape[1]} tokens) and up to {max_new_tokens} new tokens ...")
         start = time.perf_counter()

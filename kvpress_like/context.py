@@ -101,31 +101,40 @@ class _LayerHooks:
         kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
         return args, kwargs
 
-    def after(self, module: nn.Module, args, kwargs, output):
-        if not self.is_prefill or self.press.ratio == 0:
-            return None
-        self.is_prefill = False
-        cache = kwargs["past_key_values"]
-        layer = cache.layers[self.layer_idx]
-        hidden = kwargs["hidden_states"]
-        ctx = LayerContext(
+    def context(self, module, kwargs, keys, values, valid, hidden=None, position_embeddings=None) -> LayerContext:
+        """A :class:`LayerContext` of this layer for ``keys``/``values`` ``[B, H_kv, S, D]``; the hidden states
+        and RoPE tables default to this forward's."""
+        hidden = kwargs["hidden_states"] if hidden is None else hidden
+        return LayerContext(
             module=module,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
             layers=self.layers,
             arch=self.arch,
             hidden_states=hidden,
-            position_embeddings=kwargs["position_embeddings"],
-            keys=layer.keys,
-            values=layer.values,
-            valid=_valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device),
+            position_embeddings=kwargs["position_embeddings"] if position_embeddings is None else position_embeddings,
+            keys=keys,
+            values=values,
+            valid=valid,
             rotary=lambda positions: self.rope_at(module, hidden, positions),
         )
+
+    def after(self, module: nn.Module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        was_prefill, self.is_prefill = self.is_prefill, False
+        if cache is None:
+            return None
         with torch.no_grad():
-            if self.model_scope is not None:
-                self.model_scope.add(ctx, cache)
-            else:
-                cache.layers[self.layer_idx] = self.press.compress(ctx)
+            if was_prefill and self.press.compresses_prefill():
+                layer = cache.layers[self.layer_idx]
+                hidden = kwargs["hidden_states"]
+                valid = _valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
+                ctx = self.context(module, kwargs, layer.keys, layer.values, valid)
+                if self.model_scope is not None:
+                    self.model_scope.add(ctx, cache)
+                else:
+                    cache.layers[self.layer_idx] = self.press.compress(ctx)
+            self.press.after_forward(self, module, kwargs, cache, was_prefill)
         return None
 
 

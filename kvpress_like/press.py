@@ -108,6 +108,7 @@ class Press:
     """
 
     name: ClassVar[str] = ""
+    supports_decoding: ClassVar[bool] = False  # score() works from keys/values and the latest queries only
 
     ratio: float = 0.0
     allocator: str | Allocator = "uniform"
@@ -172,6 +173,14 @@ class Press:
         indices, slot_valid = self.select(ctx)
         return store(ctx.keys, ctx.values, indices, slot_valid)
 
+    def compresses_prefill(self) -> bool:
+        """Whether a context's first forward is compressed (``ratio > 0``)."""
+        return self.ratio > 0
+
+    def after_forward(self, hooks, module: nn.Module, kwargs: dict, cache, was_prefill: bool) -> None:
+        """Called after every forward of a compressible layer (prefill or not); presses acting while decoding
+        override it (see :class:`~kvpress_like.decoding.DecodingPress`)."""
+
     # -- conveniences ----------------------------------------------------------------------------------
     def __call__(self, model: nn.Module):
         """``with p(model): ...`` works like ``with press(model, p): ...``."""
@@ -230,20 +239,21 @@ def store_ragged(keys, values, indices, slot_valid) -> RaggedLayer:
     return RaggedLayer(kept_keys.contiguous(), kept_values.contiguous(), slot_valid.sum(-1), keys.shape[2], keys.shape)
 
 
-def store_dense(keys, values, indices, slot_valid) -> CompressedLayer:
+def store_dense(keys, values, indices, slot_valid, logical_length: int | None = None) -> CompressedLayer:
     """Gather kept entries into a dense :class:`CompressedLayer`.
 
     Args:
         keys, values: ``[B, H, S, D]``.
         indices: ``[B, H, P]`` from :func:`select_top`.
         slot_valid: ``[B, H, P]``; must be the same for every head of a row.
+        logical_length: tokens seen by the layer (default: ``S``, the prefill's length).
     """
     if not bool((slot_valid == slot_valid[:, :1]).all()):
         raise NotImplementedError("heads of a layer keep different counts; ragged per-head storage is required")
     gather = indices[..., None].expand(*indices.shape, keys.shape[-1])
     kept_keys = keys.gather(2, gather).contiguous()
     kept_values = values.gather(2, gather).contiguous()
-    logical = keys.shape[2]
+    logical = keys.shape[2] if logical_length is None else logical_length
     return CompressedLayer(kept_keys, kept_values, slot_valid[:, 0].contiguous(), logical)
 
 

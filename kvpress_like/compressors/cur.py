@@ -40,6 +40,7 @@ class CURPress(Press):
     """
 
     name = "cur"
+    supports_decoding = True
     n_sink: int = 4
     sketch_size: int = 20
     seed: int = 0

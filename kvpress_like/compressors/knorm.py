@@ -19,6 +19,7 @@ class KnormPress(Press):
     """Keeps the keys with the smallest L2 norm."""
 
     name = "knorm"
+    supports_decoding = True
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return -ctx.keys.float().norm(dim=-1)

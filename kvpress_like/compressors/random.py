@@ -21,6 +21,7 @@ class RandomPress(Press):
     """
 
     name = "random"
+    supports_decoding = True
     seed: int = 0
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

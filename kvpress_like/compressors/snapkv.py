@@ -70,6 +70,7 @@ class SnapKVPress(Press):
     """
 
     name = "snapkv"
+    supports_decoding = True
     window: int = 64
     kernel_size: int = 5
 

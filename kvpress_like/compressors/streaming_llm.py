@@ -19,6 +19,7 @@ class StreamingLLMPress(Press):
     """Keeps ``n_sink`` first tokens and the most recent ones: the score is the token's index."""
 
     name = "streaming_llm"
+    supports_decoding = True
     n_sink: int = 4
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

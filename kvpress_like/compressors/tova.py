@@ -22,6 +22,7 @@ class TOVAPress(Press):
     """Keeps the tokens the last query attends to most (averaged over every head of the layer)."""
 
     name = "tova"
+    supports_decoding = True
     window: int = 1
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

@@ -21,12 +21,14 @@ from ..compressors.random import RandomPress
 from ..compressors.snapkv import SnapKVPress
 from ..compressors.streaming_llm import StreamingLLMPress
 from ..compressors.tova import TOVAPress
+from ..decoding import DecodingPress
 from ..patches import gemma3, llama, mistral, phi3, qwen2, qwen3
 from ..registry import hookimpl
 
 PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
+    DecodingPress,
 )
 ALLOCATORS = (
     UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,

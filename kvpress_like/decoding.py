@@ -1,0 +1,100 @@
+"""Decoding-time compression: keep every compressible layer's cache near a target size during long generation.
+
+After each forward of a layer whose cache holds ``target + interval`` entries or more, the wrapped scorer scores
+every stored entry and the layer is cut back to its best ``target`` entries per KV head (protected tokens of the
+scorer included). The cache therefore stays within ``[target, target + interval)`` entries per head between
+compressions, and positions continue as without compression (the layer keeps its logical length).
+
+The wrapped press may also compress the prefill with its own ratio (``compress_prefill=True``): the
+prefill-plus-decoding combination. Scorers that need every token's hidden state (Compactor, leverage, observed
+attention, expected attention, ...) cannot score entries whose hidden states are gone; usable scorers declare
+``supports_decoding = True`` (knorm, random, streaming_llm, cur, snapkv, tova). Window scorers (SnapKV, TOVA) see
+the queries of the most recent tokens, kept in a small buffer per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import CompressedLayer, RaggedLayer
+from .press import Press, select_top, store_dense
+
+
+@dataclass
+class DecodingPress(Press):
+    """Compress the cache back to ``target`` entries per head every time it reaches ``target + interval``.
+
+    Args:
+        scorer: the press (or registry name) whose scores choose the entries; it must support decoding.
+        target: entries per KV head kept after each compression (>= 1).
+        interval: growth allowed between compressions (>= 1).
+        compress_prefill: also compress each context's prefill with ``scorer`` (at the scorer's own ratio).
+    """
+
+    name = "decoding"
+    scorer: Press | str = "knorm"
+    target: int = 1024
+    interval: int = 64
+    compress_prefill: bool = False
+
+    def __post_init__(self, compression_ratio=None):
+        super().__post_init__(compression_ratio)
+        if self.ratio != 0:
+            raise ValueError("DecodingPress has no ratio of its own: set the prefill ratio on its scorer")
+        if isinstance(self.scorer, str):
+            from .registry import create_press
+
+            self.scorer = create_press(self.scorer)
+        if not isinstance(self.scorer, Press):
+            raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
+        if not self.scorer.supports_decoding:
+            raise ValueError(
+                f"{type(self.scorer).__name__} cannot score while decoding (it needs every token's hidden state); "
+                "use one of: knorm, random, streaming_llm, cur, snapkv, tova"
+            )
+        for name in ("target", "interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        self._recent: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def compresses_prefill(self) -> bool:
+        return self.compress_prefill and self.scorer.ratio > 0
+
+    def compress(self, ctx):
+        return self.scorer.compress(ctx)
+
+    def score(self, ctx):
+        return self.scorer.score(ctx)
+
+    def after_forward(self, hooks, module, kwargs, cache, was_prefill) -> None:
+        """Buffer the latest hidden states, then cut the layer back to ``target`` when it has grown too large."""
+        idx = hooks.layer_idx
+        hidden = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        keep = max(getattr(self.scorer, "window", 1), 1)
+        if not was_prefill and idx in self._recent:
+            old_hidden, old_cos, old_sin = self._recent[idx]
+            hidden, cos, sin = (torch.cat([a, b], dim=1) for a, b in ((old_hidden, hidden), (old_cos, cos),
+                                                                       (old_sin, sin)))
+        self._recent[idx] = (hidden[:, -keep:], cos[:, -keep:], sin[:, -keep:])
+        layer = cache.layers[idx]
+        if isinstance(layer, RaggedLayer):
+            raise ValueError("decoding-time compression needs dense layers; use a uniform-count allocator for the "
+                             "prefill (not head_adaptive)")
+        physical = layer.keys.shape[2]
+        if physical < self.target + self.interval:
+            return
+        if isinstance(layer, CompressedLayer):
+            valid = layer.valid
+        else:
+            valid = torch.ones(layer.keys.shape[0], physical, dtype=torch.bool, device=layer.keys.device)
+        recent_hidden, recent_cos, recent_sin = self._recent[idx]
+        ctx = hooks.context(module, kwargs, layer.keys, layer.values, valid, recent_hidden, (recent_cos, recent_sin))
+        scores, protected = self.scorer.layer_scores(ctx)
+        counts = valid.sum(-1).clamp(max=self.target).clamp(min=protected.sum(-1).clamp(min=1))
+        counts = counts[:, None].expand(scores.shape[0], scores.shape[1])
+        indices, slot_valid = select_top(scores, counts)
+        cache.layers[idx] = store_dense(layer.keys, layer.values, indices, slot_valid, layer.get_seq_length())
