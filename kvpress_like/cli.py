@@ -79,7 +79,7 @@ def cmd_presses(args) -> int:
 
     presses = {name: registry.get_press_class(name) for name in registry.list_presses()}
     # Classes, not instances: some allocators need constructor arguments (e.g. per_layer's ratios).
-    allocator_classes = registry._collect().allocators
+    allocator_classes = {name: registry.get_allocator_class(name) for name in registry.list_allocators()}
     allocators = {name: allocator_classes[name] for name in registry.list_allocators()}
     architectures = registry.list_architectures()
     if args.json:
@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--model", default="default",
                      help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
-    run.add_argument("--press", default="snapkv", help="registered press name (kvpress-like presses; default: snapkv)")
+    run.add_argument("--press", default="compactor",
+                     help="registered press name (kvpress-like presses; default: compactor, query-agnostic)")
     run.add_argument("--ratio", type=float, default=0.5,
                      help="fraction of the context's KV pairs removed, in [0, 1) (default: 0.5)")
     run.add_argument("--press-arg", action="append", metavar="KEY=VALUE",

