@@ -98,6 +98,11 @@ if "throwaway_first" in out["presses"]:
             model(ids, past_key_values=cache)
     out["kept"] = [layer.keys.shape[-2] for layer in cache.layers]
     out["seq_length"] = cache.get_seq_length()
+    out["allocators"] = kvpress_like.list_allocators()
+    ragged = DynamicCache(config=config)
+    with torch.no_grad(), kvpress_like.press(model, kvpress_like.KnormPress(ratio=0.5, allocator="throwaway_first_head")):
+        model(ids, past_key_values=ragged)
+    out["head_counts"] = [layer.lengths[0].tolist() for layer in ragged.layers]
     out["kept_earliest"] = all(
         torch.equal(c.keys, f.keys[:, :, : c.keys.shape[-2]]) for c, f in zip(cache.layers, full.layers)
     )
@@ -124,7 +129,10 @@ def test_distribution_press_is_listed_created_and_applied(installed_plugin):
     assert out["seq_length"] == 13
     assert out["kept_earliest"] is True
     plugin = next(p for p in out["plugins"] if p["name"] == "throwaway")
-    assert plugin["hooks"] == ["register_presses"]
+    assert plugin["hooks"] == ["register_allocators", "register_presses"]
+    # The plugin's allocator works with a built-in scorer; unequal heads are stored ragged.
+    assert "throwaway_first_head" in out["allocators"]
+    assert out["head_counts"] == [[13, 1], [13, 1]]
     assert plugin["version"] == "0.0.1"
 
 
