@@ -33,7 +33,9 @@ class CompressedLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, logical_length: int):
         super().__init__()
         if keys.shape != values.shape or keys.ndim != 4:
-            raise ValueError(f"keys and values must both be [B, H, P, D]; got {tuple(keys.shape)}, {tuple(values.shape)}")
+            raise ValueError(
+                f"keys and values must both be [B, H, P, D]; got {tuple(keys.shape)}, {tuple(values.shape)}"
+            )
         if valid.shape != (keys.shape[0], keys.shape[2]) or valid.dtype != torch.bool:
             raise ValueError(f"valid must be a bool tensor of shape {(keys.shape[0], keys.shape[2])}")
         self.dtype, self.device = keys.dtype, keys.device

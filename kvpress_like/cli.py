@@ -150,38 +150,14 @@ class RunResult:
     found: bool | None = None
 
 
-def split_prompt(tokenizer, context: str, question: str) -> tuple[str, str, bool]:
-    """Split the prompt into the context part (compressed) and the rest (question, assistant prefix).
-
-    With a chat template, the user message is ``context + "\\n\\n" + question`` and the templated text is cut right
-    after the context. Without one, the prompt is ``context`` then ``"\\n\\nQuestion: ...\\nAnswer:"``.
-
-    Returns:
-        ``(prefix, suffix, templated)``: ``prefix + suffix`` is the whole prompt text.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        user = f"{context}\n\n{question}"
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        start = text.find(user)
-        if start >= 0:
-            cut = start + len(context)
-            return text[:cut], text[cut:], True
-    return context, f"\n\nQuestion: {question}\nAnswer:", False
-
-
 def encode_prompt(tokenizer, context: str, question: str):
-    """``(context_ids, suffix_ids)``, each ``[1, n]`` long: the tokens of :func:`split_prompt`'s two parts."""
-    import torch
+    """``(context_ids, suffix_ids)``, each ``[1, n]``: see :func:`kvpress_like.pipeline.encode_prompt`."""
+    from .pipeline import encode_prompt as encode
 
-    prefix, suffix, templated = split_prompt(tokenizer, context, question)
-    # A chat template writes its own special tokens; without one, the tokenizer adds BOS to the prefix.
-    context_ids = tokenizer(prefix, add_special_tokens=not templated)["input_ids"]
-    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    if not context_ids or not suffix_ids:
-        raise CLIError("the context and the question must both be non-empty after tokenization")
-    return torch.tensor([context_ids]), torch.tensor([suffix_ids])
+    try:
+        return encode(tokenizer, context, question)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
 
 
 @contextmanager
@@ -309,6 +285,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 def cmd_run(args) -> int:
     import torch
 
+    from .decoding import DecodingPress
     from .eval import model as eval_model
     from .eval import sample as eval_sample
     from .registry import architecture_for, create_press
@@ -320,6 +297,9 @@ def cmd_run(args) -> int:
     press_args = parse_press_args(args.press_arg)
     try:
         p = create_press(args.press, ratio=args.ratio, **press_args)
+        if args.decode_budget is not None:
+            p = DecodingPress(scorer=p, target=args.decode_budget, interval=args.decode_interval,
+                              compress_prefill=True)
     except (TypeError, ValueError) as error:
         raise CLIError(f"cannot create press {args.press!r}: {error}") from error
     if args.context_file is not None:
@@ -433,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (stage messages still go to stderr)")
     run.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    run.add_argument("--decode-budget", type=int, metavar="N",
+                     help="also compress while decoding: keep N entries per head, compressing every --decode-interval")
+    run.add_argument("--decode-interval", type=int, default=16, metavar="K",
+                     help="growth allowed between decoding-time compressions (default: 16)")
     run.set_defaults(func=cmd_run)
     return parser
 

@@ -18,14 +18,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-
 from transformers.cache_utils import DynamicLayer
 
 from .cache import CompressedLayer, RaggedLayer
 from .press import LayerContext, Press, select_top, store
 
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()  # model -> press
-_HOOKED: "weakref.WeakKeyDictionary[nn.Module, Press]" = weakref.WeakKeyDictionary()  # attention module -> press
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # attention module -> press
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 

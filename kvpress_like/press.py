@@ -12,10 +12,11 @@ uniform allocator, and never fewer than ``min(n, n_sink + window)`` (its protect
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, fields
 from functools import cached_property
 from numbers import Real
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -151,7 +152,8 @@ class Press:
         scores = self.score(ctx)
         expected = ctx.keys.shape[:3]
         if scores.shape != expected:
-            raise ValueError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(expected)}")
+            name = type(self).__name__
+            raise ValueError(f"{name}.score returned shape {tuple(scores.shape)}, expected {tuple(expected)}")
         scores = scores.float()
         if torch.isnan(scores).any():
             raise ValueError(f"{type(self).__name__}.score returned NaN in layer {ctx.layer_idx}")

@@ -130,8 +130,9 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
     saved, current = payload["meta"]["model"], model_identity(model)
     differences = [k for k in saved if saved[k] != current.get(k)]
     if differences:
+        theirs, ours = [saved[k] for k in differences], [current.get(k) for k in differences]
         raise ValueError(f"{path} was saved for another model: {', '.join(differences)} differ "
-                         f"(saved {[saved[k] for k in differences]}, this model {[current.get(k) for k in differences]})")
+                         f"(saved {theirs}, this model {ours})")
     cache = DynamicCache(config=model.config)
     device = model.get_input_embeddings().weight.device
     layers = [_restore_layer(record) for record in payload["layers"]]

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import kvpress_like
-from kvpress_like import cli
+from kvpress_like import cli, pipeline
 from kvpress_like.eval import model as eval_model
 from kvpress_like.eval import sample as eval_sample
 from kvpress_like.eval.model import full_cache_bytes
@@ -230,7 +230,7 @@ def test_parse_press_args():
 # -- prompt splitting, sample, cache size ---------------------------------------------------------------------------
 def test_split_prompt_with_chat_template():
     tokenizer = _tokenizer()
-    prefix, suffix, templated = cli.split_prompt(tokenizer, "some context", "a question ?")
+    prefix, suffix, templated = pipeline.split_prompt(tokenizer, "some context", "a question ?")
     assert templated
     whole = tokenizer.apply_chat_template([{"role": "user", "content": "some context\n\na question ?"}],
                                           tokenize=False, add_generation_prompt=True)
@@ -240,7 +240,7 @@ def test_split_prompt_with_chat_template():
 
 
 def test_split_prompt_without_chat_template():
-    prefix, suffix, templated = cli.split_prompt(_tokenizer(chat_template=False), "some context", "why ?")
+    prefix, suffix, templated = pipeline.split_prompt(_tokenizer(chat_template=False), "some context", "why ?")
     assert (prefix, suffix, templated) == ("some context", "\n\nQuestion: why ?\nAnswer:", False)
 
 

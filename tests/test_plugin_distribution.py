@@ -100,7 +100,8 @@ if "throwaway_first" in out["presses"]:
     out["seq_length"] = cache.get_seq_length()
     out["allocators"] = kvpress_like.list_allocators()
     ragged = DynamicCache(config=config)
-    with torch.no_grad(), kvpress_like.press(model, kvpress_like.KnormPress(ratio=0.5, allocator="throwaway_first_head")):
+    skewed = kvpress_like.KnormPress(ratio=0.5, allocator="throwaway_first_head")
+    with torch.no_grad(), kvpress_like.press(model, skewed):
         model(ids, past_key_values=ragged)
     out["head_counts"] = [layer.lengths[0].tolist() for layer in ragged.layers]
     out["kept_earliest"] = all(

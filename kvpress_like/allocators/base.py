@@ -8,7 +8,8 @@ tokens (``min(n, n_sink + window)``) nor fewer than one.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 

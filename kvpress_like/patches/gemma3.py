@@ -8,4 +8,6 @@ from transformers.models.gemma3 import modeling_gemma3
 
 from .base import Architecture
 
-ARCHITECTURE = Architecture(name="gemma3", model_types=("gemma3_text",), apply_rope=modeling_gemma3.apply_rotary_pos_emb)
+ARCHITECTURE = Architecture(
+    name="gemma3", model_types=("gemma3_text",), apply_rope=modeling_gemma3.apply_rotary_pos_emb
+)
