@@ -13,7 +13,9 @@ stores ``max`` entries per row and marks the unused slots in ``valid``. Slots ar
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+import copy
+
+from transformers.cache_utils import BaseQuantizedLayer, Cache, CacheLayerMixin, DynamicLayer
 
 
 class CompressedLayer(DynamicLayer):
@@ -295,6 +297,88 @@ class RaggedLayer(CacheLayerMixin):
                                              self.tail_values, self.tail_valid))
 
 
+class QuantizedCompressedLayer(CompressedLayer):
+    """A compressed context kept quantized: the kept entries live in a fresh transformers quantized layer of the
+    same kind as the one the prefill used (fp8, quanto, hqq), new tokens are appended to it.
+
+    Attributes:
+        inner: the quantized layer holding the ``P`` physical entries (its own length is the physical length).
+        valid, logical_length, compressed_length: as in :class:`CompressedLayer`.
+    """
+
+    def __init__(self, inner: BaseQuantizedLayer, valid: torch.Tensor, logical_length: int):
+        CacheLayerMixin.__init__(self)
+        self.inner, self.valid, self.logical_length = inner, valid, int(logical_length)
+        self.dtype, self.device = inner.dtype, inner.device
+        self.compressed_length = inner.get_seq_length()
+        self.pending_valid = None
+        self.is_initialized = True
+
+    @property
+    def physical_length(self) -> int:
+        return self.inner.get_seq_length()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append ``[B, H, q, D]`` (quantized by the inner layer); returns all dequantized keys and values."""
+        q = key_states.shape[-2]
+        new_valid = self.pending_valid
+        if new_valid is None:
+            new_valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.valid.device)
+        self.pending_valid = None
+        self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=-1)
+        self.logical_length += q
+        return self.inner.update(key_states, value_states)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("cropping, resetting or reordering a quantized compressed layer is not supported")
+
+    crop = reset = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def nbytes(self) -> int:
+        """Quantized storage (every tensor held by the inner layer) plus the ``[B, P]`` bool ``valid`` mask."""
+        return _deep_bytes(vars(self.inner)) + tensor_bytes(self.valid)
+
+
+def _deep_bytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor reachable through dicts, lists, tuples and object attributes."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if obj.data_ptr() in seen:
+            return 0
+        seen.add(obj.data_ptr())
+        return tensor_bytes(obj)
+    if isinstance(obj, dict):
+        return sum(_deep_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_deep_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _deep_bytes(vars(obj), seen)
+    return 0
+
+
+def full_keys_values(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``[B, H, S, D]`` keys and values of a freshly prefilled layer (dequantized for quantized layers)."""
+    if isinstance(layer, BaseQuantizedLayer) and layer._quantized_keys is not None:
+        keys, values = layer._dequantize(layer._quantized_keys), layer._dequantize(layer._quantized_values)
+        if layer.keys is not None and layer.keys.numel():  # residual, full-precision part
+            keys, values = torch.cat([keys, layer.keys], dim=-2), torch.cat([values, layer.values], dim=-2)
+        return keys, values
+    return layer.keys, layer.values
+
+
+def requantize(source, compressed):
+    """Store a compressed layer back in the quantized form of ``source`` when the prefill used a quantized cache."""
+    if not isinstance(source, BaseQuantizedLayer):
+        return compressed
+    if not isinstance(compressed, CompressedLayer):
+        raise ValueError("per-head budgets (ragged layers) cannot be combined with a quantized cache; "
+                         "use an allocator that keeps the same count for every head")
+    inner = copy.copy(source)
+    inner.reset()
+    inner.update(compressed.keys, compressed.values)
+    return QuantizedCompressedLayer(inner, compressed.valid, compressed.logical_length)
+
+
 def tensor_bytes(t: torch.Tensor | None) -> int:
     """``numel * element_size`` of a tensor, 0 for ``None``."""
     return 0 if t is None else t.numel() * t.element_size()
@@ -304,6 +388,8 @@ def layer_bytes(layer) -> int:
     """Bytes held by one cache layer (keys, values and any index metadata)."""
     if hasattr(layer, "nbytes"):
         return layer.nbytes()
+    if isinstance(layer, BaseQuantizedLayer):
+        return _deep_bytes(vars(layer))
     return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .cache import CompressedLayer, RaggedLayer
+from .cache import CompressedLayer, RaggedLayer, full_keys_values, requantize
 from .press import LayerContext, Press, select_top, store
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
@@ -56,8 +56,9 @@ class _ModelScope:
         counts = self.press._allocator.allocate_model(all_scores, ctx.valid, protected, self.press.ratio, self.layers)
         for idx, layer_scores, layer_counts in zip(self.layers, all_scores, counts):
             full = cache.layers[idx]
+            keys, values = full_keys_values(full)
             indices, slot_valid = select_top(layer_scores, layer_counts.to(layer_scores.device))
-            cache.layers[idx] = store(full.keys, full.values, indices, slot_valid)
+            cache.layers[idx] = requantize(full, store(keys, values, indices, slot_valid))
         self.pending.clear()
 
 
@@ -128,11 +129,12 @@ class _LayerHooks:
                 layer = cache.layers[self.layer_idx]
                 hidden = kwargs["hidden_states"]
                 valid = _valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
-                ctx = self.context(module, kwargs, layer.keys, layer.values, valid)
+                keys, values = full_keys_values(layer)
+                ctx = self.context(module, kwargs, keys, values, valid)
                 if self.model_scope is not None:
                     self.model_scope.add(ctx, cache)
                 else:
-                    cache.layers[self.layer_idx] = self.press.compress(ctx)
+                    cache.layers[self.layer_idx] = requantize(layer, self.press.compress(ctx))
             self.press.after_forward(self, module, kwargs, cache, was_prefill)
         return None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CompressedLayer, RaggedLayer
+from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
 from .press import Press, select_top, store_dense
 
 
@@ -81,6 +81,8 @@ class DecodingPress(Press):
                                                                        (old_sin, sin)))
         self._recent[idx] = (hidden[:, -keep:], cos[:, -keep:], sin[:, -keep:])
         layer = cache.layers[idx]
+        if isinstance(layer, QuantizedCompressedLayer) or type(layer).__name__.endswith("QuantizedLayer"):
+            raise ValueError("decoding-time compression does not support quantized caches")
         if isinstance(layer, RaggedLayer):
             raise ValueError("decoding-time compression needs dense layers; use a uniform-count allocator for the "
                              "prefill (not head_adaptive)")
