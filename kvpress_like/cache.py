@@ -12,9 +12,9 @@ stores ``max`` entries per row and marks the unused slots in ``valid``. Slots ar
 
 from __future__ import annotations
 
-import torch
 import copy
 
+import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, CacheLayerMixin, DynamicLayer
 
 

@@ -28,7 +28,7 @@ _HOOKED: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def _valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
+def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
     """``[B, q]`` bool: which of the ``q`` new tokens are real, read from the last query row of a 4D mask."""
     if mask is None:
         return torch.ones(batch, q, dtype=torch.bool, device=device)
@@ -95,7 +95,7 @@ class _LayerHooks:
         hidden = kwargs["hidden_states"]
         q = hidden.shape[1]
         incoming = kwargs.get("attention_mask")
-        layer.pending_valid = _valid_tokens(incoming, hidden.shape[0], q, hidden.device)
+        layer.pending_valid = valid_tokens(incoming, hidden.shape[0], q, hidden.device)
         eager = module.config._attn_implementation == "eager"
         groups = module.config.num_attention_heads // module.config.num_key_value_heads
         kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
@@ -128,7 +128,7 @@ class _LayerHooks:
             if was_prefill and self.press.compresses_prefill():
                 layer = cache.layers[self.layer_idx]
                 hidden = kwargs["hidden_states"]
-                valid = _valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
+                valid = valid_tokens(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
                 keys, values = full_keys_values(layer)
                 ctx = self.context(module, kwargs, keys, values, valid)
                 if self.model_scope is not None:

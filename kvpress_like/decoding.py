@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
+from .context import valid_tokens
 from .press import Press, select_top, store_dense
 
 
@@ -58,6 +59,10 @@ class DecodingPress(Press):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        protected = self.scorer.n_sink + self.scorer.window
+        if self.target < protected:
+            raise ValueError(f"target ({self.target}) must be at least the scorer's protected tokens "
+                             f"(n_sink + window = {protected}); lower the scorer's window or raise the target")
         self._recent: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def compresses_prefill(self) -> bool:
@@ -91,8 +96,8 @@ class DecodingPress(Press):
             return
         if isinstance(layer, CompressedLayer):
             valid = layer.valid
-        else:
-            valid = torch.ones(layer.keys.shape[0], physical, dtype=torch.bool, device=layer.keys.device)
+        else:  # a plain layer holds every token: its padding is what this forward's mask hides
+            valid = valid_tokens(kwargs.get("attention_mask"), layer.keys.shape[0], physical, layer.keys.device)
         recent_hidden, recent_cos, recent_sin = self._recent[idx]
         ctx = hooks.context(module, kwargs, layer.keys, layer.values, valid, recent_hidden, (recent_cos, recent_sin))
         scores, protected = self.scorer.layer_scores(ctx)

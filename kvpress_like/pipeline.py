@@ -12,6 +12,7 @@ prefill).
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import torch
@@ -71,20 +72,28 @@ def kept_fraction(cache) -> float:
 
 def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.Tensor, max_new_tokens: int):
     """Greedy answer to ``suffix_ids`` ``[1, q]`` on a cache holding ``context_ids`` ``[1, S]`` (compressed or
-    not), then crop the cache back to the context. Returns the generated ids ``[n]``.
+    not), leaving the cache as it was (the context only). Returns the generated ids ``[n]``.
 
-    Run it inside ``with press(model, p)`` when the cache holds ragged or padded compressed layers.
+    Run it inside ``with press(model, p)`` when the cache holds ragged or padded compressed layers. The cache is
+    cropped back to the context afterwards; when the installed press compresses while decoding (which cropping
+    cannot undo) the answer is decoded on a copy of the cache instead.
     """
+    from .context import active_press
+
     context_length = cache.get_seq_length()
-    for layer in cache.layers:  # sliding-window layers must remember evicted states to be cropped back
-        if hasattr(layer, "activate_past_recording"):
-            layer.activate_past_recording()
     if context_length != context_ids.shape[1]:
         raise ValueError(f"the cache has seen {context_length} tokens but context_ids has {context_ids.shape[1]}")
+    installed = active_press(model)
+    on_copy = installed is not None and type(installed).after_forward is not Press.after_forward
+    work = copy.deepcopy(cache) if on_copy else cache
+    for layer in work.layers:  # sliding-window layers must remember evicted states to be cropped back
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
     prompt = torch.cat([context_ids, suffix_ids.to(context_ids.device)], dim=1)
-    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=work,
                             max_new_tokens=max_new_tokens, do_sample=False)
-    cache.crop(context_length - cache.get_seq_length())
+    if not on_copy:
+        cache.crop(context_length - cache.get_seq_length())
     return output[0, prompt.shape[1]:]
 
 

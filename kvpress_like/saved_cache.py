@@ -25,12 +25,24 @@ _IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "n
                     "vocab_size", "head_dim")
 
 
+_IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "_attn_implementation", "attn_implementation",
+                        "_attn_implementation_autoset", "dtype", "torch_dtype", "transformers_version", "use_cache",
+                        "output_attentions", "output_hidden_states", "return_dict", "architectures", "_commit_hash"}
+
+
 def model_identity(model) -> dict:
-    """Architecture fields of the config plus a fingerprint of the input embedding weights."""
+    """Architecture fields of the config, a hash of the whole config (run-time options aside) and a fingerprint of
+    the weights: the name, shape and first 256 values of every parameter (cheap even for large models)."""
     config = model.config.get_text_config(decoder=True)
     identity = {name: getattr(config, name, None) for name in _IDENTITY_FIELDS}
-    weights = model.get_input_embeddings().weight.detach().flatten()[:65536].float().cpu()
-    identity["embedding_sha256"] = hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+    settings = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    identity["config"] = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        sample = parameter.detach().flatten()[:256].float().cpu()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    identity["weights_sha256"] = digest.hexdigest()
     return identity
 
 
@@ -101,7 +113,10 @@ def save_cache(path: str | Path, cache, model, input_ids: torch.Tensor, press: P
         raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens but the cache has seen {cache.get_seq_length()}")
     meta = {"format": FORMAT, "model": model_identity(model), "press": press.to_dict() if press else None,
             "logical_length": cache.get_seq_length()}
-    payload = {"meta": meta, "layers": [_layer_record(layer) for layer in cache.layers],
+    # clone: a view (e.g. a sliding-window slice of the prefill) would otherwise save its whole storage
+    records = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _layer_record(layer).items()}
+               for layer in cache.layers]
+    payload = {"meta": meta, "layers": records,
                "input_ids": input_ids.detach().cpu()}
     payload["sha256"] = _digest(payload)
     buffer = io.BytesIO()
@@ -123,14 +138,19 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
         payload = torch.load(io.BytesIO(Path(path).read_bytes()), weights_only=True, map_location="cpu")
         ok = isinstance(payload, dict) and payload.get("meta", {}).get("format") == FORMAT
         ok = ok and payload.get("sha256") == _digest(payload)
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, ValueError) as error:
+    except Exception as error:  # any failure to read or parse the file (torch/zip/pickle errors of many kinds)
         raise ValueError(f"{path}: not a readable kvpress-like cache file (corrupt or truncated): {error}") from error
     if not ok:
         raise ValueError(f"{path}: corrupt kvpress-like cache file (format or checksum mismatch)")
-    saved, current = payload["meta"]["model"], model_identity(model)
+    saved, current = dict(payload["meta"]["model"]), model_identity(model)
+    saved_config, current_config = saved.pop("config", {}), current.pop("config")
     differences = [k for k in saved if saved[k] != current.get(k)]
+    differences += [f"config.{k}" for k in sorted(set(saved_config) | set(current_config))
+                    if saved_config.get(k) != current_config.get(k) and k not in saved]
+    saved.update({f"config.{k}": v for k, v in saved_config.items()})
+    current.update({f"config.{k}": v for k, v in current_config.items()})
     if differences:
-        theirs, ours = [saved[k] for k in differences], [current.get(k) for k in differences]
+        theirs, ours = [saved.get(k) for k in differences], [current.get(k) for k in differences]
         raise ValueError(f"{path} was saved for another model: {', '.join(differences)} differ "
                          f"(saved {theirs}, this model {ours})")
     cache = DynamicCache(config=model.config)
