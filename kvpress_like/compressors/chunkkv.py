@@ -7,6 +7,8 @@ all heads. Layer-wise index reuse: consecutive layers are grouped by ``reuse_gro
 ``l // reuse_group``); the first compressed layer of a group selects and the others reuse its indices without
 scoring.
 
+Chunks start at each row's first real token, so left padding in a batch does not shift them.
+
 Departures: to hit the exact budget, the last chunk that does not fit whole is filled with its best tokens
 (chunks are ranked first, tokens inside a chunk by their own score); protected tokens (the inner scorer's
 observation window) count against the budget like any other token.
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..press import LayerContext, Press, store
+from .non_causal_attention import roll_rows
 from .snapkv import SnapKVPress
 
 
@@ -57,13 +60,19 @@ class ChunkKVPress(Press):
         token = self.scorer.score(ctx).float().mean(1)  # [B, S]
         token = token.masked_fill(~ctx.valid, 0.0)
         b, s = token.shape
+        pad = (~ctx.valid).long().cumprod(-1).sum(-1)  # chunks start at each row's first real token
         n_chunks = -(-s // self.chunk_size)
-        padded = torch.nn.functional.pad(token, (0, n_chunks * self.chunk_size - s))
-        chunk = padded.view(b, n_chunks, self.chunk_size).sum(-1)
-        chunk_rank = chunk.argsort(-1).argsort(-1).float()  # 0 = worst chunk
-        per_token = chunk_rank.repeat_interleave(self.chunk_size, dim=-1)[:, :s]
-        low, high = token.min(-1, keepdim=True).values, token.max(-1, keepdim=True).values
-        tie_break = 0.5 * (token - low) / (high - low).clamp(min=1e-12)  # in [0, 0.5]
+        extra = n_chunks * self.chunk_size - s
+        aligned = torch.nn.functional.pad(roll_rows(token, pad, 1), (0, extra))
+        real = torch.nn.functional.pad(roll_rows(ctx.valid, pad, 1), (0, extra))
+        chunk = aligned.view(b, n_chunks, self.chunk_size).sum(-1)
+        chunk = chunk.masked_fill(~real.view(b, n_chunks, self.chunk_size).any(-1), float("-inf"))
+        rank = (-chunk).argsort(-1).argsort(-1).float()  # 0 = best chunk; padding-only chunks last
+        per_token = roll_rows(-rank.repeat_interleave(self.chunk_size, dim=-1)[:, :s], -pad, 1)
+        masked = token.masked_fill(~ctx.valid, float("inf"))
+        low = masked.min(-1, keepdim=True).values
+        high = token.masked_fill(~ctx.valid, float("-inf")).max(-1, keepdim=True).values
+        tie_break = (0.5 * (token - low) / (high - low).clamp(min=1e-12)).clamp(0, 0.5)  # in [0, 0.5]
         return (per_token + tie_break)[:, None, :].expand(b, ctx.keys.shape[1], s)
 
     def compress(self, ctx: LayerContext):

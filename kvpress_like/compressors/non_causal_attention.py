@@ -5,6 +5,8 @@ Paper: Chari & Van Durme, "Compactor", arXiv 2507.08143. The context is split in
 ``softmax(Q_c K_c^T / sqrt(d))``; a key's score is its column sum (the attention it receives from its chunk),
 averaged over the query heads of its KV group, then smoothed over neighbouring tokens by average pooling.
 
+Chunks start at each row's first real token (left padding of a batch does not shift them).
+
 Departures: the scale is the model's own attention scale (``1/sqrt(d)`` for all supported models but Gemma3, which
 uses ``query_pre_attn_scalar``); padding tokens are excluded as queries and keys; a shorter last chunk is used as
 is (no mass re-balancing). Memory is ``O(S * chunk_size)`` per head, never ``S x S``.
@@ -18,6 +20,19 @@ import torch
 
 from ..press import LayerContext, Press
 from .snapkv import pool
+
+
+def roll_rows(x: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rotate each row ``b`` of ``x`` left by ``shift[b]`` along ``dim`` (``shift`` ``[B]``, ``x`` batch-first).
+
+    With ``shift`` the left padding of each row, the real tokens start at index 0, so chunks are laid on each row's
+    own tokens; rolling by ``-shift`` undoes it.
+    """
+    s = x.shape[dim]
+    index = (torch.arange(s, device=x.device)[None, :] + shift[:, None]) % s  # [B, S]
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[dim] = s
+    return x.gather(dim, index.view(shape).expand(x.shape))
 
 
 def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
@@ -36,6 +51,8 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
     """
     b, h_q, s, d = queries.shape
     h_kv = keys.shape[1]
+    pad = (~valid).long().cumprod(-1).sum(-1)  # left padding of each row: chunks start at its first real token
+    queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
     out = torch.zeros(b, h_kv, s, dtype=torch.float32, device=keys.device)
     for start in range(0, s, chunk_size):
         end = min(start + chunk_size, s)
@@ -46,7 +63,7 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         logits = logits.masked_fill(~m[:, None, None, None, :], float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m[:, None, None, :, None]
         out[:, :, start:end] = weights.sum(dim=3).mean(dim=2)
-    return out
+    return roll_rows(out, -pad, 2)
 
 
 @dataclass

