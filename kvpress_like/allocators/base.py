@@ -15,8 +15,9 @@ import torch
 
 
 def keep_count(n_tokens: int, ratio: float) -> int:
-    """Entries kept out of ``n_tokens`` at ``ratio``: ``n - floor(ratio * n)`` (1e-9 guards float error)."""
-    return n_tokens - math.floor(ratio * n_tokens + 1e-9)
+    """Entries kept out of ``n_tokens`` at ``ratio``: ``n - floor(ratio * n)`` (1e-9 guards float error), and at
+    least 1 when ``n_tokens >= 1``."""
+    return max(n_tokens - math.floor(ratio * n_tokens + 1e-9), min(n_tokens, 1))
 
 
 def row_budgets(valid: torch.Tensor, protected: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -88,8 +89,9 @@ class Allocator:
 
 
 def distribute(total: int, weights: list[float], lower: list[int], upper: list[int]) -> list[int]:
-    """Integers ``x_i`` in ``[lower_i, upper_i]`` summing exactly to ``total``, as proportional to ``weights`` as the
-    bounds allow (water-filling on the free part, then largest remainders).
+    """Integers ``x_i`` in ``[lower_i, upper_i]`` summing exactly to ``total``, proportional to ``weights`` as far as
+    the bounds allow: ``x_i = clamp(lam * w_i, lower_i, upper_i)`` with ``lam`` found by bisection, then rounded by
+    largest remainder. Entries of weight 0 stay at their lower bound unless the others cannot absorb ``total``.
 
     Raises:
         ValueError: ``total`` is outside ``[sum(lower), sum(upper)]``.
@@ -97,31 +99,37 @@ def distribute(total: int, weights: list[float], lower: list[int], upper: list[i
     if not sum(lower) <= total <= sum(upper):
         raise ValueError(f"cannot distribute {total} between bounds summing to {sum(lower)}..{sum(upper)}")
     n = len(weights)
-    weights = [max(float(w), 0.0) for w in weights]
-    if sum(weights) <= 0:
-        weights = [1.0] * n
-    x = [float(v) for v in lower]
-    free = set(range(n))
-    remaining = total - sum(lower)
-    while remaining > 1e-9 and free:  # give each free entry its share; saturated entries leave the pool
-        weight_sum = sum(weights[i] for i in free) or float(len(free))
-        shares = {i: remaining * ((weights[i] / weight_sum) if weight_sum else 1 / len(free)) for i in free}
-        saturated = {i for i in free if x[i] + shares[i] >= upper[i]}
-        if not saturated:
-            for i in free:
-                x[i] += shares[i]
-            break
-        for i in saturated:
-            remaining -= upper[i] - x[i]
-            x[i] = float(upper[i])
-        free -= saturated
-    result = [int(v) for v in x]
-    order = sorted(range(n), key=lambda i: (x[i] - result[i]), reverse=True)
-    short = total - sum(result)
-    for i in order:
-        if short == 0:
+    w = [max(float(v), 0.0) for v in weights]
+    if sum(w) <= 0:
+        w = [1.0] * n
+    reachable = sum(upper[i] if w[i] > 0 else lower[i] for i in range(n))
+    if reachable < total:  # the weighted entries saturate: zero-weight entries absorb the rest, evenly
+        w = [v if v > 0 else 0.0 for v in w]
+        rest = distribute(total - sum(upper[i] for i in range(n) if w[i] > 0),
+                          [1.0 if w[i] == 0 else 0.0 for i in range(n)],
+                          [lower[i] if w[i] == 0 else 0 for i in range(n)],
+                          [upper[i] if w[i] == 0 else 0 for i in range(n)])
+        return [upper[i] if w[i] > 0 else rest[i] for i in range(n)]
+
+    def spread(lam: float) -> list[float]:
+        return [min(max(lam * w[i], lower[i]), upper[i]) for i in range(n)]
+
+    low, high = 0.0, 1.0
+    while sum(spread(high)) < total:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(spread(mid)) < total else (low, mid)
+    x = spread(high)
+    result = [min(max(int(math.floor(v + 1e-9)), lower[i]), upper[i]) for i, v in enumerate(x)]
+    for i in sorted(range(n), key=lambda i: x[i] - result[i], reverse=True):  # largest remainders first
+        if sum(result) >= total:
             break
         if result[i] < upper[i]:
             result[i] += 1
-            short -= 1
+    for i in sorted(range(n), key=lambda i: x[i] - result[i]):  # rounding overshoot (rare): take back
+        if sum(result) <= total:
+            break
+        if result[i] > lower[i]:
+            result[i] -= 1
     return result

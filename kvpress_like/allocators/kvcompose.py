@@ -34,7 +34,7 @@ class KVComposeAllocator(Allocator):
         for row in range(b):
             composite = []
             for layer_scores in scores:
-                ranked = layer_scores[row].sort(dim=-1, descending=True).values.mean(0)  # [S]
+                ranked = layer_scores[row].double().sort(dim=-1, descending=True).values.mean(0)  # [S], no overflow
                 ranked[0] = math.inf
                 composite.append(ranked)
             stacked = torch.stack(composite)  # [L, S]
