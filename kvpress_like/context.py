@@ -21,6 +21,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .cache import CompressedLayer, RaggedLayer, full_keys_values, requantize
+from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
@@ -70,6 +71,11 @@ class _LayerHooks:
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
         self.layers, self.rotary_emb, self.model_scope = layers, rotary_emb, model_scope
         self.is_prefill = False
+        self.projected: torch.Tensor | None = None  # query projection output captured during a prefill
+        self._capture = None
+
+    def _keep_projection(self, module, args, output) -> None:
+        self.projected = output
 
     def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
         """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
@@ -88,6 +94,8 @@ class _LayerHooks:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
         self.is_prefill = layer is None or layer.get_seq_length() == 0
+        if self.is_prefill and self.press.compresses_prefill() and self._capture is None:
+            self._capture = projection_module(module).register_forward_hook(self._keep_projection)
         if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
             cache.layers[self.layer_idx] = DynamicLayer()  # a reset compressed layer: start afresh
         if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
@@ -117,11 +125,22 @@ class _LayerHooks:
             values=values,
             valid=valid,
             rotary=lambda positions: self.rope_at(module, hidden, positions),
+            projected_queries=self.projected if self.projected is not None and hidden is kwargs["hidden_states"]
+            else None,
         )
 
     def after(self, module: nn.Module, args, kwargs, output):
         cache = kwargs.get("past_key_values")
         was_prefill, self.is_prefill = self.is_prefill, False
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        try:
+            return self._after(module, kwargs, cache, was_prefill)
+        finally:
+            self.projected = None
+
+    def _after(self, module: nn.Module, kwargs, cache, was_prefill: bool):
         if cache is None:
             return None
         with torch.no_grad():
@@ -182,17 +201,18 @@ def press(model: nn.Module, p: Press):
         )
     layer_ids = tuple(compressible)
     model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" else None
-    handles = []
+    handles, all_hooks = [], []
     _ACTIVE[model] = p
     try:
         for idx, attn in zip(compressible, attentions):
             hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope)
+            all_hooks.append(hooks)
             _HOOKED[attn] = p
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
         yield model
     finally:
-        for handle in handles:
+        for handle in handles + [h._capture for h in all_hooks if h._capture is not None]:
             handle.remove()
         for attn in attentions:
             _HOOKED.pop(attn, None)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .allocators.base import Allocator
 from .cache import CompressedLayer, RaggedLayer
-from .patches.base import Architecture, pre_rope_keys, pre_rope_queries
+from .patches.base import Architecture, pre_rope_keys, pre_rope_queries, queries_from_projection
 
 
 @dataclass
@@ -43,6 +43,8 @@ class LayerContext:
         valid: ``[B, S]`` bool, ``False`` on padding tokens.
         rotary: ``rotary(positions [n]) -> (cos, sin)`` each ``[1, n, rotary_dim]``: the layer's RoPE tables at
             arbitrary positions (used by scorers that reason about future queries).
+        projected_queries: ``[B, S, out]`` output of the layer's query projection captured during this forward
+            (saves recomputing it), or ``None``.
     """
 
     module: nn.Module
@@ -56,6 +58,7 @@ class LayerContext:
     values: torch.Tensor
     valid: torch.Tensor
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    projected_queries: torch.Tensor | None = None
 
     @property
     def num_kv_groups(self) -> int:
@@ -65,7 +68,10 @@ class LayerContext:
     def queries(self, last: int | None = None) -> torch.Tensor:
         """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``), recomputed."""
         start = 0 if last is None else max(self.hidden_states.shape[1] - last, 0)
-        q = pre_rope_queries(self.module, self.hidden_states[:, start:])
+        if self.projected_queries is not None:
+            q = queries_from_projection(self.module, self.projected_queries[:, start:])
+        else:
+            q = pre_rope_queries(self.module, self.hidden_states[:, start:])
         cos, sin = self.position_embeddings
         q, _ = self.arch.apply_rope(q, q, cos[:, start:], sin[:, start:])
         return q
@@ -78,6 +84,8 @@ class LayerContext:
     @cached_property
     def pre_rope_queries(self) -> torch.Tensor:
         """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` where the model has one)."""
+        if self.projected_queries is not None:
+            return queries_from_projection(self.module, self.projected_queries)
         return pre_rope_queries(self.module, self.hidden_states)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..press import LayerContext, Press
 from .snapkv import pool
@@ -51,19 +52,27 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
     """
     b, h_q, s, d = queries.shape
     h_kv = keys.shape[1]
+    g = h_q // h_kv
     pad = (~valid).long().cumprod(-1).sum(-1)  # left padding of each row: chunks start at its first real token
     queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
-    out = torch.zeros(b, h_kv, s, dtype=torch.float32, device=keys.device)
-    for start in range(0, s, chunk_size):
-        end = min(start + chunk_size, s)
-        q = queries[:, :, start:end].float().view(b, h_kv, h_q // h_kv, end - start, d)
-        k = keys[:, :, start:end].float()
-        m = valid[:, start:end]
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
-        logits = logits.masked_fill(~m[:, None, None, None, :], float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m[:, None, None, :, None]
-        out[:, :, start:end] = weights.sum(dim=3).mean(dim=2)
-    return roll_rows(out, -pad, 2)
+    n_chunks = -(-s // chunk_size)
+    extra = n_chunks * chunk_size - s  # pad to whole chunks with non-real tokens
+    queries = F.pad(queries.float(), (0, 0, 0, extra)).view(b, h_kv, g, n_chunks, chunk_size, d)
+    keys = F.pad(keys.float(), (0, 0, 0, extra)).view(b, h_kv, n_chunks, chunk_size, d)
+    valid = F.pad(valid, (0, extra)).view(b, 1, n_chunks, chunk_size)
+    out = torch.empty(b, h_kv, n_chunks, chunk_size, dtype=torch.float32, device=keys.device)
+    step = max(1, (1 << 24) // (h_q * chunk_size * chunk_size))  # chunks per batched matmul: bounded memory
+    for first in range(0, n_chunks, step):
+        part = slice(first, min(first + step, n_chunks))
+        # [B, H_kv, c, G * C, D]: the G query heads of a KV head stacked, so one batched matmul per KV head
+        q = queries[:, :, :, part].permute(0, 1, 3, 2, 4, 5).reshape(b, h_kv, -1, g * chunk_size, d)
+        m = valid[:, :, part]  # [B, 1, c, C]
+        logits = q @ keys[:, :, part].transpose(-1, -2) * scale  # [B, H_kv, c, G * C, C]
+        logits = logits.masked_fill(~m[:, :, :, None, :], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        weights = weights * m.repeat(1, 1, 1, g)[..., None]  # padding queries give nothing
+        out[:, :, part] = weights.sum(dim=3) / g
+    return roll_rows(out.view(b, h_kv, -1)[..., :s], -pad, 2)
 
 
 @dataclass

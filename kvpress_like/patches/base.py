@@ -58,13 +58,27 @@ def layer_types(config) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
-def _project(attn: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
+def projection_module(attn: nn.Module) -> nn.Module:
+    """The linear layer whose output holds the queries: ``q_proj``, or the fused ``qkv_proj`` (Phi3)."""
+    return attn.qkv_proj if hasattr(attn, "qkv_proj") else attn.q_proj
+
+
+def queries_from_projection(attn: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[B, H_q, S, D]`` from the output of :func:`projection_module` (``[B, S, out]``)."""
+    n_q = attn.config.num_attention_heads * attn.head_dim
+    return _project(attn, projected[..., :n_q], "q", projected=True)
+
+
+def _project(attn: nn.Module, hidden_states: torch.Tensor, which: str, projected: bool = False) -> torch.Tensor:
     """Pre-RoPE queries (``which="q"``) or keys (``"k"``) of ``hidden_states`` ``[B, S, hidden]``.
 
     Returns ``[B, H, S, D]`` (H query heads or KV heads), after ``q_norm``/``k_norm`` when the layer has them.
+    With ``projected=True``, ``hidden_states`` is already the projection's output.
     """
     head_dim = attn.head_dim
-    if hasattr(attn, "qkv_proj"):  # fused (Phi3): rows are [q | k | v]
+    if projected:
+        flat = hidden_states
+    elif hasattr(attn, "qkv_proj"):  # fused (Phi3): rows are [q | k | v]
         n_q = attn.config.num_attention_heads * head_dim
         n_k = attn.config.num_key_value_heads * head_dim
         rows = slice(0, n_q) if which == "q" else slice(n_q, n_q + n_k)
