@@ -53,10 +53,13 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
     b, h_q, s, d = queries.shape
     h_kv = keys.shape[1]
     g = h_q // h_kv
+    padded = not bool(valid.all())
     pad = (~valid).long().cumprod(-1).sum(-1)  # left padding of each row: chunks start at its first real token
-    queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
+    if padded:
+        queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
     n_chunks = -(-s // chunk_size)
     extra = n_chunks * chunk_size - s  # pad to whole chunks with non-real tokens
+    masked = padded or extra > 0
     queries = F.pad(queries.float(), (0, 0, 0, extra)).view(b, h_kv, g, n_chunks, chunk_size, d)
     keys = F.pad(keys.float(), (0, 0, 0, extra)).view(b, h_kv, n_chunks, chunk_size, d)
     valid = F.pad(valid, (0, extra)).view(b, 1, n_chunks, chunk_size)
@@ -66,13 +69,16 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         part = slice(first, min(first + step, n_chunks))
         # [B, H_kv, c, G * C, D]: the G query heads of a KV head stacked, so one batched matmul per KV head
         q = queries[:, :, :, part].permute(0, 1, 3, 2, 4, 5).reshape(b, h_kv, -1, g * chunk_size, d)
-        m = valid[:, :, part]  # [B, 1, c, C]
         logits = q @ keys[:, :, part].transpose(-1, -2) * scale  # [B, H_kv, c, G * C, C]
-        logits = logits.masked_fill(~m[:, :, :, None, :], float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        weights = weights * m.repeat(1, 1, 1, g)[..., None]  # padding queries give nothing
+        if masked:  # padding (and the filler of the last chunk) neither attends nor is attended to
+            m = valid[:, :, part]  # [B, 1, c, C]
+            logits = logits.masked_fill(~m[:, :, :, None, :], float("-inf"))
+            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m.repeat(1, 1, 1, g)[..., None]
+        else:
+            weights = torch.softmax(logits, dim=-1)
         out[:, :, part] = weights.sum(dim=3) / g
-    return roll_rows(out.view(b, h_kv, -1)[..., :s], -pad, 2)
+    out = out.view(b, h_kv, -1)[..., :s]
+    return roll_rows(out, -pad, 2) if padded else out
 
 
 @dataclass
