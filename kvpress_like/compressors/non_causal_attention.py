@@ -67,16 +67,15 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
     step = max(1, (1 << 24) // (h_q * chunk_size * chunk_size))  # chunks per batched matmul: bounded memory
     for first in range(0, n_chunks, step):
         part = slice(first, min(first + step, n_chunks))
-        # [B, H_kv, c, G * C, D]: the G query heads of a KV head stacked, so one batched matmul per KV head
-        q = queries[:, :, :, part].permute(0, 1, 3, 2, 4, 5).reshape(b, h_kv, -1, g * chunk_size, d)
-        logits = q @ keys[:, :, part].transpose(-1, -2) * scale  # [B, H_kv, c, G * C, C]
+        # [B, H_kv, G, c, C, C]: the key chunks broadcast over the G query heads of their KV head
+        logits = (queries[:, :, :, part] * scale) @ keys[:, :, None, part].transpose(-1, -2)
         if masked:  # padding (and the filler of the last chunk) neither attends nor is attended to
-            m = valid[:, :, part]  # [B, 1, c, C]
-            logits = logits.masked_fill(~m[:, :, :, None, :], float("-inf"))
-            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m.repeat(1, 1, 1, g)[..., None]
+            m = valid[:, :, None, part]  # [B, 1, 1, c, C]
+            logits = logits.masked_fill(~m[..., None, :], float("-inf"))
+            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m[..., None]
         else:
             weights = torch.softmax(logits, dim=-1)
-        out[:, :, part] = weights.sum(dim=3) / g
+        out[:, :, part] = weights.sum(dim=-2).mean(dim=2)
     out = out.view(b, h_kv, -1)[..., :s]
     return roll_rows(out, -pad, 2) if padded else out
 
