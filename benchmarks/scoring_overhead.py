@@ -16,7 +16,10 @@ Usage::
     python benchmarks/scoring_overhead.py --lengths 4096
     python benchmarks/scoring_overhead.py --lengths 16384 --presses compactor snapkv knorm
 
-Benchmarks print ratios measured in one run, not absolute times to compare across machines.
+Benchmarks print ratios measured in one run, not absolute times to compare across machines. Run it alone: when other
+processes compete for the cores (the ``load`` column, the 1-minute load average, well above the thread count), torch's
+OpenMP threads stall and the many small operations of a scorer slow down far more than the prefill's large matrix
+products, which inflates ``scoring/plain`` several-fold. ``--threads 1`` is much less sensitive to that.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import platform
 import time
 
@@ -90,10 +94,19 @@ def run_press(model, ids, p) -> tuple[float, float]:
     return seconds, p._bench_seconds
 
 
+def load_average() -> float:
+    """1-minute load average (NaN where unavailable): above the thread count, other processes compete for the cores."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
 def machine_line() -> str:
-    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | python "
-            f"{platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} | "
-            f"threads {torch.get_num_threads()}")
+    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+            f"python {platform.python_version()} | torch {torch.__version__} | "
+            f"transformers {transformers.__version__} | threads {torch.get_num_threads()} | "
+            f"load average {load_average():.2f}")
 
 
 def main(argv=None) -> None:
@@ -128,7 +141,7 @@ def main(argv=None) -> None:
         ids = torch.randint(100, cfg.vocab_size, (1, length), generator=generator)
         print(f"\n## context {length} tokens, ratio {args.ratio}, random tokens; min of {args.repeats} alternating "
               "plain/press prefills", flush=True)
-        header = f"| {'press':<22} | plain s | press s | scoring s | scoring/plain | press/plain - 1 |"
+        header = f"| {'press':<22} | plain s | press s | scoring s | scoring/plain | press/plain - 1 | load |"
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
         prefill(model, ids)  # warm-up at this length
@@ -141,7 +154,7 @@ def main(argv=None) -> None:
             plain, pressed, scoring = (min(column) for column in zip(*runs, strict=True))
             results[name] = (plain, pressed, scoring)
             print(f"| {name:<22} | {plain:7.2f} | {pressed:7.2f} | {scoring:9.3f} | {scoring / plain:12.1%} | "
-                  f"{pressed / plain - 1:+14.1%} |", flush=True)
+                  f"{pressed / plain - 1:+14.1%} | {load_average():4.1f} |", flush=True)
         if "compactor" in results:
             plain, _, scoring = results["compactor"]
             verdict = "OK" if scoring / plain <= 0.05 else "ABOVE TARGET"
