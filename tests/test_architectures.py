@@ -10,8 +10,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers, random_ids, torch_threads
-from transformers import DynamicCache
+from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers, prefill, random_ids, torch_threads
 
 import kvpress_like
 from kvpress_like import CompressedLayer, KnormPress, SnapKVPress, StreamingLLMPress, press
@@ -29,15 +28,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _prefill(model, ids, p=None) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if p is None:
-            model(ids, past_key_values=cache)
-        else:
-            with press(model, p):
-                model(ids, past_key_values=cache)
-    return cache
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -57,8 +47,8 @@ def test_ratio_zero_generates_exactly_like_no_press(arch, impl, make_press):
     assert out.shape == (1, 24 + 8)
     assert torch.equal(out, reference)
     # ratio 0 stores the cache unchanged
-    full = _prefill(model, ids)
-    kept = _prefill(model, ids, make_press())
+    full = prefill(model, ids)
+    kept = prefill(model, ids, make_press())
     for layer_full, layer_kept in zip(full.layers, kept.layers, strict=True):
         assert torch.equal(layer_full.keys, layer_kept.keys)
         assert torch.equal(layer_full.values, layer_kept.values)
@@ -74,8 +64,8 @@ def test_half_ratio_shrinks_every_compressible_layer(arch, impl, n, n_sink, wind
     model = cached_tiny_model(arch, impl)
     config = model.config
     ids = random_ids(n, seed=2)
-    full = _prefill(model, ids)
-    cache = _prefill(model, ids, KnormPress(ratio=0.5, n_sink=n_sink, window=window))
+    full = prefill(model, ids)
+    cache = prefill(model, ids, KnormPress(ratio=0.5, n_sink=n_sink, window=window))
 
     expected_keep = max(n - math.floor(0.5 * n), min(n, n_sink + window))
     compressible = full_attention_layers(config)

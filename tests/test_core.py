@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers, random_ids, torch_threads
-from transformers import DynamicCache
+from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers, prefill, random_ids, torch_threads
 
 from kvpress_like import (
     CompressedLayer,
@@ -24,7 +23,6 @@ from kvpress_like import (
     StreamingLLMPress,
     create_press,
     list_presses,
-    press,
 )
 
 
@@ -63,15 +61,6 @@ class PerHeadRandomPress(Press):
         return scores
 
 
-def prefill(model, ids, p=None) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if p is None:
-            model(ids, past_key_values=cache)
-        else:
-            with press(model, p):
-                model(ids, past_key_values=cache)
-    return cache
 
 
 def kept_positions(compressed: torch.Tensor, full: torch.Tensor) -> list[list[list[int]]]:

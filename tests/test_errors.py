@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import attention_hooks, cached_tiny_model, full_attention_layers, random_ids, tiny_model, torch_threads
+from tiny_models import (
+    attention_hooks,
+    cached_tiny_model,
+    full_attention_layers,
+    prefill,
+    random_ids,
+    tiny_model,
+    torch_threads,
+)
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from kvpress_like import (
@@ -35,15 +43,6 @@ def _single_torch_thread():
         yield
 
 
-def prefill(model, ids, p=None) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if p is None:
-            model(ids, past_key_values=cache)
-        else:
-            with press(model, p):
-                model(ids, past_key_values=cache)
-    return cache
 
 
 def greedy(model, ids, n=8):

@@ -155,3 +155,19 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def prefill(model, ids, p=None):
+    """A ``DynamicCache`` holding ``ids`` after one forward, compressed by press ``p`` when given."""
+    from transformers import DynamicCache
+
+    from kvpress_like import press
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        if p is None:
+            model(ids, past_key_values=cache)
+        else:
+            with press(model, p):
+                model(ids, past_key_values=cache)
+    return cache
