@@ -133,7 +133,16 @@ def main(argv=None) -> None:
 
     import kvpress_like
 
-    names = args.presses or kvpress_like.list_presses()
+    names = args.presses
+    if not names:  # every registered press that takes a prefill ratio (a decoding-time press has none)
+        names = []
+        for name in kvpress_like.list_presses():
+            try:
+                kvpress_like.create_press(name, ratio=args.ratio)
+            except (TypeError, ValueError) as error:
+                print(f"skipped press {name!r} (not a prefill press with a ratio): {error}")
+                continue
+            names.append(name)
     print(f"machine: {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
           f"transformers {transformers.__version__} | threads {torch.get_num_threads()}")
     print(f"model: tiny random Llama, {args.layers} layers, hidden 64, 4 query / 2 KV heads, head dim 16, fp32, sdpa; "

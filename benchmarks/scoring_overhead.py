@@ -94,6 +94,28 @@ def run_press(model, ids, p) -> tuple[float, float]:
     return seconds, p._bench_seconds
 
 
+def prefill_presses(requested: list[str] | None, ratio: float) -> tuple[list[str], dict[str, str]]:
+    """Presses to benchmark: ``requested`` (checked), else every registered press that takes a prefill ``ratio``.
+
+    Returns the names and, for registered presses left out, why (e.g. a decoding-time press has no ratio of its own).
+    """
+    registered = kvpress_like.list_presses()
+    unknown = sorted(set(requested or []) - set(registered))
+    if unknown:
+        raise SystemExit(f"unknown press(es) {unknown}; registered: {registered}")
+    names, skipped = [], {}
+    for name in requested or registered:
+        try:
+            kvpress_like.create_press(name, ratio=ratio)
+        except (TypeError, ValueError) as error:
+            if requested:
+                raise SystemExit(f"press {name!r} cannot be created with ratio={ratio}: {error}") from error
+            skipped[name] = str(error)
+            continue
+        names.append(name)
+    return names, skipped
+
+
 def load_average() -> float:
     """1-minute load average (NaN where unavailable): above the thread count, other processes compete for the cores."""
     try:
@@ -122,12 +144,11 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.presses or kvpress_like.list_presses()
-    unknown = sorted(set(names) - set(kvpress_like.list_presses()))
-    if unknown:
-        raise SystemExit(f"unknown press(es) {unknown}; registered: {kvpress_like.list_presses()}")
+    names, skipped = prefill_presses(args.presses, args.ratio)
 
     print(machine_line(), flush=True)
+    for name, why in skipped.items():
+        print(f"skipped press {name!r} (not a prefill press with a ratio): {why}", flush=True)
     load_start = time.perf_counter()
     model = load_model()
     cfg = model.config

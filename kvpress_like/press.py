@@ -73,7 +73,7 @@ class LayerContext:
         else:
             q = pre_rope_queries(self.module, self.hidden_states[:, start:])
         cos, sin = self.position_embeddings
-        q, _ = self.arch.apply_rope(q, q, cos[:, start:], sin[:, start:])
+        q, _ = self.arch.apply_rope(q, q[:, :1], cos[:, start:], sin[:, start:])  # one dummy head, not a copy
         return q
 
     @cached_property
