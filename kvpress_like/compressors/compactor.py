@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..press import LayerContext, Press
+from ..press import LayerContext
 from .leverage import leverage_scores
-from .non_causal_attention import non_causal_attention_scores
-from .snapkv import pool
+from .non_causal_attention import NonCausalAttentionPress
 
 
 def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -34,7 +33,7 @@ def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class CompactorPress(Press):
+class CompactorPress(NonCausalAttentionPress):
     """Query-agnostic blend of leverage and non-causal attention scores.
 
     Args:
@@ -48,20 +47,14 @@ class CompactorPress(Press):
     name = "compactor"
     blending: float = 0.3
     sketch_size: int = 48
-    chunk_size: int = 256
-    kernel_size: int = 5
     seed: int = 0
 
     def __post_init__(self, compression_ratio=None):
-        super().__post_init__(compression_ratio)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
+        super().__post_init__(compression_ratio)  # validates chunk_size and kernel_size
         if not isinstance(self.sketch_size, int) or self.sketch_size < 1:
             raise ValueError(f"sketch_size must be a positive int; got {self.sketch_size!r}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        attention = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling,
-                                                self.chunk_size)
-        attention = pool(attention, ctx.valid, self.kernel_size)
+        attention = super().score(ctx)  # pooled non-causal chunked attention
         leverage = leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)
         return standardise(attention, ctx.valid) + self.blending * standardise(leverage, ctx.valid)
