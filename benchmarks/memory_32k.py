@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from kvpress_like.cache import CACHE_KWARG
+
 MIB = 1024 * 1024
 
 
@@ -96,10 +98,10 @@ def worker(name: str, length: int, ratio: float, layers: int) -> dict:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             if p is None:
-                model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=tokens, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             else:
                 with kvpress_like.press(model, p):
-                    model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(input_ids=tokens, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         return cache
 
     run(ids[:, :256])  # warm-up: kernels, allocator

@@ -36,6 +36,7 @@ import transformers
 from transformers import DynamicCache
 
 import kvpress_like
+from kvpress_like.cache import CACHE_KWARG
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -65,7 +66,7 @@ def prefill(model, ids: torch.Tensor) -> tuple[float, DynamicCache]:
     gc.collect()
     start = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     return time.perf_counter() - start, cache
 
 

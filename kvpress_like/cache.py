@@ -15,7 +15,18 @@ from __future__ import annotations
 import copy
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import BaseQuantizedLayer, Cache, CacheLayerMixin, DynamicLayer
+
+# transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (the old name still works, with a
+# deprecation warning, until 5.40).
+CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_in(kwargs: dict) -> Cache | None:
+    """The cache passed to a forward call as keyword arguments, under either name."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 class CompressedLayer(DynamicLayer):

@@ -222,7 +222,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
     import torch
     from transformers import DynamicCache
 
-    from .cache import cache_bytes
+    from .cache import CACHE_KWARG, cache_bytes
     from .context import press
     from .eval.model import full_cache_bytes
     from .press import describe
@@ -243,7 +243,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         _stage(f"prefill+compress: {n_context:,} context tokens with {describe(p)} ...")
         start = time.perf_counter()
         with _layer_progress(model, "prefill+compress", enabled=progress):
-            model(input_ids=context_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+            model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs)
         prefill_seconds = time.perf_counter() - start
         bytes_after = cache_bytes(cache)
         counts = [_kept_entries(layer) for layer in cache.layers]
@@ -252,7 +252,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
 
         _stage(f"decode: question ({suffix_ids.shape[1]} tokens) and up to {max_new_tokens} new tokens ...")
         start = time.perf_counter()
-        logits = model(input_ids=suffix_ids, past_key_values=cache, use_cache=True, **forward_kwargs).logits[:, -1]
+        logits = model(input_ids=suffix_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs).logits[:, -1]
         for step in range(max_new_tokens):
             token = int(logits.argmax(-1)[0])
             if token in eos:
@@ -260,7 +260,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
             generated.append(token)
             if step + 1 < max_new_tokens:
                 next_ids = torch.tensor([[token]], device=device)
-                logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=next_ids, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1]
         decode_seconds = time.perf_counter() - start
 
     answer = tokenizer.decode(generated, skip_special_tokens=True).strip()

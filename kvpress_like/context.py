@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .cache import CompressedLayer, RaggedLayer, full_keys_values, requantize
+from .cache import CompressedLayer, RaggedLayer, cache_in, full_keys_values, requantize
 from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
 
@@ -88,7 +88,7 @@ class _LayerHooks:
         return self.rotary_emb(*args)
 
     def before(self, module: nn.Module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         self.is_prefill = False
         if cache is None:
             return None
@@ -130,7 +130,7 @@ class _LayerHooks:
         )
 
     def after(self, module: nn.Module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
         if self._capture is not None:
             self._capture.remove()

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .cache import CompressedLayer, RaggedLayer, cache_bytes
+from .cache import CACHE_KWARG, CompressedLayer, RaggedLayer, cache_bytes
 from .context import press as press_context
 from .press import Press
 
@@ -90,7 +90,7 @@ def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.T
         if hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()
     prompt = torch.cat([context_ids, suffix_ids.to(context_ids.device)], dim=1)
-    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=work,
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), **{CACHE_KWARG: work},
                             max_new_tokens=max_new_tokens, do_sample=False)
     if not on_copy:
         cache.crop(context_length - cache.get_seq_length())
@@ -166,7 +166,7 @@ class KVPressTextGenerationPipeline(Pipeline):
     def _prefill(self, input_ids: torch.Tensor) -> DynamicCache:
         """A cache holding ``input_ids`` ``[1, n]`` (compressed when a press is installed)."""
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        self.model(input_ids=input_ids, **{CACHE_KWARG: cache}, use_cache=True)
         return cache
 
     def postprocess(self, outputs, single, return_cache_stats):

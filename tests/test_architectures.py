@@ -14,6 +14,7 @@ from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers,
 
 import kvpress_like
 from kvpress_like import CompressedLayer, KnormPress, SnapKVPress, StreamingLLMPress, press
+from kvpress_like.cache import CACHE_KWARG
 
 IMPLS = ("sdpa", "eager")
 
@@ -108,7 +109,7 @@ def test_half_ratio_shrinks_every_compressible_layer(arch, impl, n, n_sink, wind
 
     # one more token: every layer's logical length and the cache's length grow by one
     with torch.no_grad():
-        model(random_ids(1, seed=3), past_key_values=cache)
+        model(random_ids(1, seed=3), **{CACHE_KWARG: cache})
     assert cache.get_seq_length() == n + 1
     for idx in compressible:
         assert cache.layers[idx].get_seq_length() == n + 1

@@ -8,6 +8,7 @@ from tiny_models import cached_tiny_model, full_attention_layers, random_ids, to
 from transformers import DynamicCache
 
 from kvpress_like import CompressedLayer, KnormPress, cache_bytes, press
+from kvpress_like.cache import CACHE_KWARG
 
 B, H, D = 3, 2, 4
 
@@ -187,12 +188,12 @@ def test_cache_crop_then_redecode_gives_same_logits():
     ids, extra = random_ids(24, seed=61), random_ids(3, seed=62)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, KnormPress(ratio=0.5)):
-        model(ids, past_key_values=cache)
-        first = model(extra, past_key_values=cache).logits
+        model(ids, **{CACHE_KWARG: cache})
+        first = model(extra, **{CACHE_KWARG: cache}).logits
         cache.crop(-3)
         assert cache.get_seq_length() == 24
         assert all(layer.physical_length == 12 for layer in cache.layers)
-        again = model(extra, past_key_values=cache).logits
+        again = model(extra, **{CACHE_KWARG: cache}).logits
     torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
 
 
@@ -243,7 +244,7 @@ def test_cache_bytes_of_real_compressed_cache():
     model = cached_tiny_model("gemma3", "sdpa")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, KnormPress(ratio=0.75)):
-        model(random_ids(32, seed=63), past_key_values=cache)
+        model(random_ids(32, seed=63), **{CACHE_KWARG: cache})
     compressible = full_attention_layers(model.config)
     total = 0
     for idx, layer in enumerate(cache.layers):
@@ -273,10 +274,10 @@ def test_cache_reset_then_reuse_under_press():
     ids = random_ids(20, seed=64)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, KnormPress(ratio=0.5)):
-        first = model(ids, past_key_values=cache).logits
+        first = model(ids, **{CACHE_KWARG: cache}).logits
         cache.reset()
         assert cache.get_seq_length() == 0
-        second = model(ids, past_key_values=cache).logits
+        second = model(ids, **{CACHE_KWARG: cache}).logits
     torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
     assert cache.get_seq_length() == 20
     assert all(layer.keys.shape[2] == 10 for layer in cache.layers)

@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrained
 
 import kvpress_like
 from kvpress_like import cli, pipeline
+from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.eval import model as eval_model
 from kvpress_like.eval import sample as eval_sample
 from kvpress_like.eval.model import full_cache_bytes
@@ -267,7 +268,7 @@ def test_full_cache_bytes_matches_an_uncompressed_cache(arch):
     ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_KWARG: cache})
     assert full_cache_bytes(model.config, 21, batch_size=2) == kvpress_like.cache_bytes(cache)
 
 

@@ -32,6 +32,7 @@ from kvpress_like import (
     press,
     press_from_dict,
 )
+from kvpress_like.cache import CACHE_KWARG, cache_in
 from kvpress_like.registry import get_press_class
 
 T, N = 16, 8  # target, interval
@@ -73,7 +74,7 @@ class CacheRecorder:
         self.model, self.records = model, []
 
     def _after(self, module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
+        cache = cache_in(kwargs)
         self.records.append((cache.get_seq_length(), [physical(layer) for layer in cache.layers],
                              [type(layer) for layer in cache.layers]))
 
@@ -110,7 +111,7 @@ def greedy_manual(model, p, context_ids: torch.Tensor, steps: int, cache: Dynami
     generated, step_input = [], context_ids
     with press(model, p), torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=step_input, **{CACHE_KWARG: cache}, use_cache=True).logits[0, -1]
             logits[eos] = -math.inf
             generated.append(int(logits.argmax()))
             step_input = torch.tensor([[generated[-1]]])
@@ -119,7 +120,7 @@ def greedy_manual(model, p, context_ids: torch.Tensor, steps: int, cache: Dynami
 
 def greedy_generate(model, p, context_ids: torch.Tensor, steps: int, cache: DynamicCache | None = None) -> list[int]:
     cache = DynamicCache(config=model.config) if cache is None else cache
-    kwargs = dict(attention_mask=torch.ones_like(context_ids), past_key_values=cache, max_new_tokens=steps,
+    kwargs = dict(attention_mask=torch.ones_like(context_ids), **{CACHE_KWARG: cache}, max_new_tokens=steps,
                   min_new_tokens=steps, do_sample=False)
     if p is None:
         with torch.no_grad():
@@ -189,7 +190,7 @@ def test_compress_prefill_then_decode_within_bounds(scorer):
     # The prefill alone, with the scorer as a plain press, is the reference for the kept entries.
     reference = DynamicCache(config=model.config)
     with press(model, SCORERS[scorer](ratio=0.5)), torch.no_grad():
-        model(context_ids, past_key_values=reference)
+        model(context_ids, **{CACHE_KWARG: reference})
     p = DecodingPress(scorer=SCORERS[scorer](ratio=0.5), target=target, interval=interval, compress_prefill=True)
     cache = DynamicCache(config=model.config)
     with CacheRecorder(model) as recorder:
@@ -213,11 +214,11 @@ def test_compress_prefill_keeps_what_the_scorer_keeps():
     context_ids = random_ids(60, seed=5, distinct=True)
     reference = DynamicCache(config=model.config)
     with press(model, SnapKVPress(window=4, ratio=0.5)), torch.no_grad():
-        model(context_ids, past_key_values=reference)
+        model(context_ids, **{CACHE_KWARG: reference})
     cache = DynamicCache(config=model.config)
     with press(model, DecodingPress(scorer=SnapKVPress(window=4, ratio=0.5), target=40, interval=8,
                                     compress_prefill=True)), torch.no_grad():
-        model(context_ids, past_key_values=cache)
+        model(context_ids, **{CACHE_KWARG: cache})
     for a, b in zip(reference.layers, cache.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
@@ -347,7 +348,7 @@ def test_left_padded_batch_rows_decode_as_alone(scorer):
     def run(input_ids, attention_mask):
         cache = DynamicCache(config=model.config)
         with press(model, DecodingPress(scorer=SCORERS[scorer](), target=T, interval=N)):
-            out = model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=20,
+            out = model.generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, max_new_tokens=20,
                                  min_new_tokens=20, do_sample=False, pad_token_id=0)
         return out[:, input_ids.shape[1]:].tolist()
 

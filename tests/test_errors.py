@@ -32,6 +32,7 @@ from kvpress_like import (
     list_presses,
     press,
 )
+from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.context import active_press
 
 PRESS_CLASSES = [KnormPress, RandomPress, SnapKVPress, StreamingLLMPress]
@@ -199,7 +200,7 @@ def test_two_presses_on_one_model_raise():
         assert active_press(model) is first
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
         assert all(isinstance(layer, CompressedLayer) and layer.keys.shape[2] == 8 for layer in cache.layers)
     assert attention_hooks(model) == []
     assert active_press(model) is None
@@ -209,7 +210,7 @@ def test_press_on_the_base_model_works():
     model = cached_tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model.model, KnormPress(ratio=0.5)):
-        model(random_ids(20, seed=51), past_key_values=cache)
+        model(random_ids(20, seed=51), **{CACHE_KWARG: cache})
     assert [layer.keys.shape[2] for layer in cache.layers] == [10, 10, 10]
     assert attention_hooks(model) == []
 
@@ -221,7 +222,7 @@ def test_press_on_base_model_while_causal_lm_is_pressed_raises():
             with pytest.raises(ValueError, match="already"):
                 with press(model.model, KnormPress(ratio=0.5)):
                     with torch.no_grad():
-                        model(random_ids(20, seed=52), past_key_values=DynamicCache(config=model.config))
+                        model(random_ids(20, seed=52), **{CACHE_KWARG: DynamicCache(config=model.config)})
     finally:
         assert attention_hooks(model) == []
 
@@ -232,8 +233,8 @@ def test_presses_on_two_models_at_once_are_independent():
     with press(a, KnormPress(ratio=0.5)), press(b, KnormPress(ratio=0.75)):
         cache_a, cache_b = DynamicCache(config=a.config), DynamicCache(config=b.config)
         with torch.no_grad():
-            a(ids, past_key_values=cache_a)
-            b(ids, past_key_values=cache_b)
+            a(ids, **{CACHE_KWARG: cache_a})
+            b(ids, **{CACHE_KWARG: cache_b})
     assert [layer.keys.shape[2] for layer in cache_a.layers] == [10, 10, 10]
     assert [layer.keys.shape[2] for layer in cache_b.layers] == [5, 5, 5]
     assert attention_hooks(a) == [] and attention_hooks(b) == []
@@ -312,7 +313,7 @@ def test_exception_inside_forward_restores_model():
     p = FailingPress(ratio=0.5)
     with pytest.raises(ArithmeticError, match="scorer failed"):
         with press(model, p):
-            model(ids, past_key_values=DynamicCache(config=model.config))
+            model(ids, **{CACHE_KWARG: DynamicCache(config=model.config)})
     assert p.calls == 2
     assert attention_hooks(model) == []
     assert active_press(model) is None
@@ -372,7 +373,7 @@ def test_press_object_is_its_own_context_manager():
         assert entered is model
         assert active_press(model) is p
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
     assert active_press(model) is None
     assert attention_hooks(model) == []
     assert [layer.keys.shape[2] for layer in cache.layers] == [10, 10, 10]

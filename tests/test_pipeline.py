@@ -1,7 +1,7 @@
 """The transformers pipeline task ``kv-press-text-generation``, checked against hand-written references.
 
 The reference of every answer is built here without the pipeline: ``encode_prompt`` -> prefill the context ids into a
-``DynamicCache`` inside ``with press(model, p)`` -> ``model.generate(cat(context, suffix), past_key_values=cache)``
+``DynamicCache`` inside ``with press(model, p)`` -> ``model.generate(cat(context, suffix), **{CACHE_KWARG: cache})``
 (greedy). A second, fully manual greedy loop (``model(...)`` + argmax, no ``generate``) backs it up.
 
 Models: a tiny random Llama with ``initializer_range=0.2`` (its greedy answers depend on the question and on the press,
@@ -23,7 +23,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 import kvpress_like
 from kvpress_like import CompactorPress, DecodingPress, KnormPress, SnapKVPress, cache_bytes, press
-from kvpress_like.cache import CompressedLayer, RaggedLayer
+from kvpress_like.cache import CACHE_KWARG, CompressedLayer, RaggedLayer, cache_in
 from kvpress_like.pipeline import TASK, KVPressTextGenerationPipeline, encode_prompt, kept_fraction, split_prompt
 
 MAX_NEW = 6
@@ -79,7 +79,7 @@ def prompt_parts(tok, question: str, compress_questions: bool = False, answer_pr
 def prefill(model, p, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with maybe_press(model, p), torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True)
     return cache
 
 
@@ -90,7 +90,7 @@ def reference_generate(model, tok, question, make_press, compress_questions=Fals
     cache = prefill(model, p, prefill_ids)
     prompt = torch.cat([prefill_ids, suffix_ids], dim=1)
     with maybe_press(model, p), torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **{CACHE_KWARG: cache},
                              max_new_tokens=MAX_NEW, do_sample=False)
     return out[0, prompt.shape[1]:]
 
@@ -103,7 +103,7 @@ def reference_manual(model, tok, question, make_press):
     generated, step_input, stop = [], suffix_ids, eos_ids(model)
     with maybe_press(model, p), torch.no_grad():
         for _ in range(MAX_NEW):
-            logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=step_input, **{CACHE_KWARG: cache}, use_cache=True).logits
             token = int(logits[0, -1].argmax())
             generated.append(token)
             if token in stop:
@@ -131,7 +131,7 @@ class ForwardRecorder:
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         physical = [layer.physical_length if hasattr(layer, "physical_length") else layer.keys.shape[2]
                     for layer in cache.layers] if cache is not None and cache.get_seq_length() else None
         keys = [layer.keys.clone() for layer in cache.layers] if physical is not None else None

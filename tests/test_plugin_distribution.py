@@ -27,6 +27,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpress_like
 from kvpress_like import hookspecs, registry
+from kvpress_like.cache import CACHE_KWARG
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "throwaway_plugin"
@@ -80,6 +81,7 @@ import json
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import kvpress_like
+from kvpress_like.cache import CACHE_KWARG
 
 out = {"presses": kvpress_like.list_presses(), "plugins": kvpress_like.list_plugins()}
 if "throwaway_first" in out["presses"]:
@@ -93,16 +95,16 @@ if "throwaway_first" in out["presses"]:
     ids = torch.randint(0, 128, (1, 13))
     full, cache = DynamicCache(config=config), DynamicCache(config=config)
     with torch.no_grad():
-        model(ids, past_key_values=full)
+        model(ids, **{CACHE_KWARG: full})
         with kvpress_like.press(model, p):
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
     out["kept"] = [layer.keys.shape[-2] for layer in cache.layers]
     out["seq_length"] = cache.get_seq_length()
     out["allocators"] = kvpress_like.list_allocators()
     ragged = DynamicCache(config=config)
     skewed = kvpress_like.KnormPress(ratio=0.5, allocator="throwaway_first_head")
     with torch.no_grad(), kvpress_like.press(model, skewed):
-        model(ids, past_key_values=ragged)
+        model(ids, **{CACHE_KWARG: ragged})
     out["head_counts"] = [layer.lengths[0].tolist() for layer in ragged.layers]
     out["kept_earliest"] = all(
         torch.equal(c.keys, f.keys[:, :, : c.keys.shape[-2]]) for c, f in zip(cache.layers, full.layers)
@@ -171,7 +173,7 @@ def _prefill(model, p, n_tokens: int = 13) -> DynamicCache:
     ids = torch.randint(0, 128, (1, n_tokens), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kvpress_like.press(model, p):
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_KWARG: cache})
     return cache
 
 

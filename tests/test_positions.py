@@ -21,6 +21,7 @@ from tiny_models import ARCHITECTURES, cached_tiny_model, full_attention_layers,
 from transformers import DynamicCache
 
 from kvpress_like import CompressedLayer, KnormPress, LayerContext, Press, SnapKVPress, StreamingLLMPress, press
+from kvpress_like.cache import CACHE_KWARG
 
 N_CONTEXT = 32
 N_STEPS = 6
@@ -77,7 +78,7 @@ class Reference:
         self.cache = DynamicCache(config=model.config)
         self.length = ids.shape[1]
         with torch.no_grad():
-            self.prefill_logits = model(ids, past_key_values=self.cache).logits  # the context sees itself unmasked
+            self.prefill_logits = model(ids, **{CACHE_KWARG: self.cache}).logits  # the context sees itself unmasked
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         q = tokens.shape[1]
@@ -85,7 +86,7 @@ class Reference:
         mask = torch.cat([self.kept.long(), torch.ones(seen_after_context + q, dtype=torch.long)])[None]
         positions = torch.arange(self.length, self.length + q)[None]
         with torch.no_grad():
-            logits = self.model(tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache).logits
+            logits = self.model(tokens, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: self.cache}).logits
         self.length += q
         return logits
 
@@ -132,14 +133,14 @@ def test_manual_loop_without_position_ids(arch, impl, press_name):
     ref = Reference(model, ids, kept)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **{CACHE_KWARG: cache}).logits
         assert_logits_close(logits, ref.prefill_logits, "prefill")
         check_cache_is_compressed(model, cache, kept)
         expected_tokens, expected_logits = ref.greedy(ref.prefill_logits[0, -1], N_STEPS)
         token = int(logits[0, -1].argmax())
         for step in range(N_STEPS):
             assert token == expected_tokens[step]
-            out = model(torch.tensor([[token]]), past_key_values=cache).logits[0, -1]
+            out = model(torch.tensor([[token]]), **{CACHE_KWARG: cache}).logits[0, -1]
             assert_logits_close(out, expected_logits[step], f"decode step {step}")
             token = int(out.argmax())
     assert cache.get_seq_length() == N_CONTEXT + N_STEPS
@@ -153,12 +154,12 @@ def test_manual_loop_with_full_2d_mask(arch, impl, press_name):
     ref = Reference(model, ids, kept)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        logits = model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache).logits
+        logits = model(ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cache}).logits
         expected_tokens, expected_logits = ref.greedy(ref.prefill_logits[0, -1], N_STEPS)
         token = int(logits[0, -1].argmax())
         for step in range(N_STEPS):
             mask = torch.ones(1, N_CONTEXT + step + 1, dtype=torch.long)
-            out = model(torch.tensor([[token]]), attention_mask=mask, past_key_values=cache).logits[0, -1]
+            out = model(torch.tensor([[token]]), attention_mask=mask, **{CACHE_KWARG: cache}).logits[0, -1]
             assert_logits_close(out, expected_logits[step], f"decode step {step}")
             token = int(out.argmax())
             assert token == expected_tokens[step + 1]
@@ -193,8 +194,8 @@ def test_multi_token_question_then_decode(arch, impl, press_name):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(ids, past_key_values=cache)
-        logits = model(question, past_key_values=cache).logits
+        model(ids, **{CACHE_KWARG: cache})
+        logits = model(question, **{CACHE_KWARG: cache}).logits
         assert_logits_close(logits, expected_question, "question forward")
         for idx in full_attention_layers(model.config):
             layer = cache.layers[idx]
@@ -203,7 +204,7 @@ def test_multi_token_question_then_decode(arch, impl, press_name):
         token = int(logits[0, -1].argmax())
         for step in range(N_STEPS):
             assert token == expected_tokens[step]
-            out = model(torch.tensor([[token]]), past_key_values=cache).logits[0, -1]
+            out = model(torch.tensor([[token]]), **{CACHE_KWARG: cache}).logits[0, -1]
             assert_logits_close(out, expected_logits[step], f"decode step {step}")
             token = int(out.argmax())
     assert cache.get_seq_length() == N_CONTEXT + 5 + N_STEPS
@@ -222,10 +223,10 @@ def test_generate_continues_a_compressed_cache(arch, impl, press_name):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with press(model, p):
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
         out = model.generate(
             torch.cat([ids, question], dim=1),
-            past_key_values=cache,
+            **{CACHE_KWARG: cache},
             do_sample=False,
             max_new_tokens=N_STEPS + 1,
             output_logits=True,
@@ -250,10 +251,10 @@ def padded_prefill(model, p, ids, mask) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         if p is None:
-            model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            model(ids, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache})
         else:
             with press(model, p):
-                model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+                model(ids, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache})
     return cache
 
 
@@ -276,7 +277,7 @@ def check_batch_matches_solo(model, make_press):
         keep = n - math.floor(0.5 * n)
         solo_cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model, make_press()):
-            model(prompt[None], past_key_values=solo_cache)
+            model(prompt[None], **{CACHE_KWARG: solo_cache})
         for idx in full_attention_layers(model.config):
             layer = cache.layers[idx]
             assert isinstance(layer, CompressedLayer)
@@ -315,7 +316,7 @@ def test_snapkv_solo_scores_are_well_separated(arch):
         n = len(prompt)
         p = RecordingSnapKV(ratio=0.5, window=4)
         with torch.no_grad(), press(model, p):
-            model(prompt[None], past_key_values=DynamicCache(config=model.config))
+            model(prompt[None], **{CACHE_KWARG: DynamicCache(config=model.config)})
         budget = n - math.floor(0.5 * n) - 4  # chosen among the n - 4 tokens outside the observation window
         for scores in p.records.values():
             candidates = scores[0, :, : n - 4].sort(dim=-1, descending=True).values
@@ -339,7 +340,7 @@ def test_snapkv_scores_of_padded_row_equal_solo_scores():
     padded_prefill(model, batch, ids, mask)
     solo = RecordingSnapKV(ratio=0.5, window=4)
     with torch.no_grad(), press(model, solo):
-        model(prompts[1][None], past_key_values=DynamicCache(config=model.config))
+        model(prompts[1][None], **{CACHE_KWARG: DynamicCache(config=model.config)})
     n = len(prompts[1])
     for idx, scores in solo.records.items():
         torch.testing.assert_close(batch.records[idx][1, :, -n:], scores[0], atol=1e-5, rtol=0)

@@ -23,7 +23,7 @@ from kvpress_like import (
     press,
 )
 from kvpress_like.allocators import keep_count
-from kvpress_like.cache import build_mask
+from kvpress_like.cache import CACHE_KWARG, build_mask, cache_in
 from kvpress_like.plugins.builtin import ALLOCATORS
 from kvpress_like.press import select_top, store, store_ragged
 
@@ -95,7 +95,7 @@ class MaskedFullAttention:
             if kwargs["hidden_states"].shape[1] != 1:
                 return None
             s = self.prompt_valid.shape[1]
-            seen = kwargs["past_key_values"].layers[idx].get_seq_length()  # S + t tokens before this one
+            seen = cache_in(kwargs).layers[idx].get_seq_length()  # S + t tokens before this one
             layer_kept = self.kept[idx]
             b, h, _ = layer_kept.shape
             appended = torch.ones(b, h, seen - s + 1, dtype=torch.bool)  # decoded tokens and the current one
@@ -126,7 +126,7 @@ def reference_decode(ref_model, full_cache, kept: list[torch.Tensor], prompt_val
     with MaskedFullAttention(ref_model, kept, prompt_valid):
         for step in range(tokens.shape[1]):
             positions = torch.full((tokens.shape[0], 1), start + step, dtype=torch.long)
-            out = ref_model(tokens[:, step : step + 1], past_key_values=full_cache, position_ids=positions)
+            out = ref_model(tokens[:, step : step + 1], **{CACHE_KWARG: full_cache}, position_ids=positions)
             logits.append(out.logits[:, -1])
     return torch.stack(logits)
 
@@ -147,11 +147,11 @@ def check_ragged_decoding(model, ref_model, p, atol: float) -> None:
     # compressed run: manual loop with default positions
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **{CACHE_KWARG: cache})
         manual_logits, tokens = [out.logits[:, -1]], []
         for _ in range(STEPS):
             tokens.append(manual_logits[-1].argmax(-1, keepdim=True))
-            manual_logits.append(model(tokens[-1], past_key_values=cache).logits[:, -1])
+            manual_logits.append(model(tokens[-1], **{CACHE_KWARG: cache}).logits[:, -1])
     tokens = torch.cat(tokens, dim=1)  # [1, STEPS]
     ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
     assert ragged, "a head-adaptive press must produce at least one ragged layer"
@@ -161,7 +161,7 @@ def check_ragged_decoding(model, ref_model, p, atol: float) -> None:
     # the reference: the full cache, the kept entries read back from the compressed cache, masked decoding
     full_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        full_out = model(ids, past_key_values=full_cache)
+        full_out = model(ids, **{CACHE_KWARG: full_cache})
     torch.testing.assert_close(manual_logits[0], full_out.logits[:, -1], rtol=0, atol=atol)  # prefill is uncompressed
     kept = [kept_from_layer(layer, full_cache.layers[idx].keys) for idx, layer in enumerate(cache.layers)]
     h_kv = kv_shape(model)[0]
@@ -179,7 +179,7 @@ def check_ragged_decoding(model, ref_model, p, atol: float) -> None:
     # the masking matters: the same decode over the full, unmasked cache differs
     unmasked_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        ref_model(ids, past_key_values=unmasked_cache)
+        ref_model(ids, **{CACHE_KWARG: unmasked_cache})
         unmasked = reference_decode(ref_model, unmasked_cache, [torch.ones_like(k) for k in kept], prompt_valid,
                                     tokens, start=s)
     assert float((unmasked - reference).abs().max()) > 1e-3
@@ -231,12 +231,12 @@ def test_multi_token_forward_on_ragged_cache_equals_token_by_token(impl, atol):
     for chunked in (False, True):
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model, p):
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
             assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
             if chunked:
-                logits = model(new, past_key_values=cache).logits
+                logits = model(new, **{CACHE_KWARG: cache}).logits
             else:
-                logits = torch.cat([model(new[:, i : i + 1], past_key_values=cache).logits for i in range(4)], 1)
+                logits = torch.cat([model(new[:, i : i + 1], **{CACHE_KWARG: cache}).logits for i in range(4)], 1)
         assert cache.get_seq_length() == 44
         results.append(logits)
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=atol)
@@ -252,18 +252,18 @@ def test_ragged_decoding_with_left_padding_equals_masked_full_attention(impl):
     s = ids.shape[1]
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        out = model(ids, attention_mask=mask, past_key_values=cache)
+        out = model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
         logits, tokens = [out.logits[:, -1]], []
         for _ in range(STEPS):
             tokens.append(logits[-1].argmax(-1, keepdim=True))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits.append(model(tokens[-1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+            logits.append(model(tokens[-1], attention_mask=mask, **{CACHE_KWARG: cache}).logits[:, -1])
     tokens = torch.cat(tokens, dim=1)
     assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
 
     full_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask[:, :s], past_key_values=full_cache)
+        model(ids, attention_mask=mask[:, :s], **{CACHE_KWARG: full_cache})
     prompt_valid = mask[:, :s].bool()
     kept = [kept_from_layer(layer, full_cache.layers[idx].keys) for idx, layer in enumerate(cache.layers)]
     h_kv = kv_shape(model)[0]
@@ -328,10 +328,10 @@ def test_cache_bytes_of_every_allocator(arch, allocator_name):
     cache = DynamicCache(config=model.config)
     appended = 3
     with torch.no_grad(), press(model, p):
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
         for _ in range(appended):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            model(torch.full((b, 1), 5), attention_mask=mask, past_key_values=cache)
+            model(torch.full((b, 1), 5), attention_mask=mask, **{CACHE_KWARG: cache})
 
     element = 4  # fp32
     expected_bytes = 0
@@ -368,9 +368,9 @@ def test_head_adaptive_cache_is_smaller_than_full_cache():
     ids = random_ids(48, seed=41)
     full, compressed = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=full)
+        model(ids, **{CACHE_KWARG: full})
         with press(model, SnapKVPress(ratio=0.75, window=4, allocator="head_adaptive")):
-            model(ids, past_key_values=compressed)
+            model(ids, **{CACHE_KWARG: compressed})
     h, _, d = kv_shape(model)
     kept_entries = 3 * h * keep_count(48, 0.75)
     assert cache_bytes(full) == 3 * h * 48 * d * 2 * 4
@@ -585,15 +585,15 @@ def test_cache_reset_then_reuse_under_press():
     ids = random_ids(40, seed=13, distinct=True)
     fresh, reused = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(random_ids(30, seed=62), past_key_values=reused)
-        model(torch.tensor([[5]]), past_key_values=reused)
+        model(random_ids(30, seed=62), **{CACHE_KWARG: reused})
+        model(torch.tensor([[5]]), **{CACHE_KWARG: reused})
         assert any(isinstance(layer, RaggedLayer) for layer in reused.layers)
         reused.reset()
         assert reused.get_seq_length() == 0
-        model(ids, past_key_values=reused)
-        a = model(torch.tensor([[5]]), past_key_values=reused).logits
-        model(ids, past_key_values=fresh)
-        b = model(torch.tensor([[5]]), past_key_values=fresh).logits
+        model(ids, **{CACHE_KWARG: reused})
+        a = model(torch.tensor([[5]]), **{CACHE_KWARG: reused}).logits
+        model(ids, **{CACHE_KWARG: fresh})
+        b = model(torch.tensor([[5]]), **{CACHE_KWARG: fresh}).logits
     assert [type(x).__name__ for x in reused.layers] == [type(x).__name__ for x in fresh.layers]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -604,12 +604,12 @@ def test_cache_crop_then_redecode_gives_same_logits():
     cache = DynamicCache(config=model.config)
     tokens = torch.tensor([[7], [9], [11]])
     with torch.no_grad(), press(model, SnapKVPress(ratio=0.6, window=4, allocator="head_adaptive")):
-        model(random_ids(40, seed=61), past_key_values=cache)
+        model(random_ids(40, seed=61), **{CACHE_KWARG: cache})
         assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
-        first = [model(t[None], past_key_values=cache).logits[:, -1] for t in tokens]
+        first = [model(t[None], **{CACHE_KWARG: cache}).logits[:, -1] for t in tokens]
         cache.crop(-2)
         assert cache.get_seq_length() == 41
-        again = [model(t[None], past_key_values=cache).logits[:, -1] for t in tokens[1:]]
+        again = [model(t[None], **{CACHE_KWARG: cache}).logits[:, -1] for t in tokens[1:]]
         with pytest.raises(ValueError, match="cannot crop"):
             cache.crop(-5)
     for a, b in zip(first[1:], again):
@@ -631,7 +631,7 @@ def record_layer_kinds(model, log: list):
 
     def hook_for(idx):
         def hook(module, args, kwargs, output):
-            log.append((idx, [kind(layer) for layer in kwargs["past_key_values"].layers]))
+            log.append((idx, [kind(layer) for layer in cache_in(kwargs).layers]))
 
         return hook
 
@@ -651,12 +651,12 @@ def test_model_scope_allocator_compresses_after_last_layer_only(arch, allocator_
     with torch.no_grad(), press(model, p):
         handles = record_layer_kinds(model, log)
         try:
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
             prefill_log, log[:] = list(log), []
             snapshot = {idx: (cache.layers[idx].keys.clone(), cache.layers[idx].physical_length)
                         for idx in compressible}
-            model(torch.tensor([[3]]), past_key_values=cache)  # decode step
-            model(torch.tensor([[4, 5, 6]]), past_key_values=cache)  # a multi-token forward on the same cache
+            model(torch.tensor([[3]]), **{CACHE_KWARG: cache})  # decode step
+            model(torch.tensor([[4, 5, 6]]), **{CACHE_KWARG: cache})  # a multi-token forward on the same cache
         finally:
             for handle in handles:
                 handle.remove()
@@ -692,7 +692,7 @@ def test_layer_scope_allocator_compresses_each_layer_right_after_its_prefill():
     with torch.no_grad(), press(model, SnapKVPress(ratio=0.5, window=4, allocator="pyramid")):
         handles = record_layer_kinds(model, log)
         try:
-            model(random_ids(40, seed=72), past_key_values=cache)
+            model(random_ids(40, seed=72), **{CACHE_KWARG: cache})
         finally:
             for handle in handles:
                 handle.remove()
@@ -716,7 +716,7 @@ def test_model_scope_counts_equal_allocate_model_on_the_same_scores():
     p = Recording(ratio=0.5, window=4, allocator="kvcompose")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_KWARG: cache})
     valid = torch.ones(1, 40, dtype=torch.bool)
     counts = p._allocator.allocate_model(scores, valid, protected[-1], 0.5, [0, 1, 2])
     for layer, layer_counts in zip(cache.layers, counts):

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 import kvpress_like
 from kvpress_like import SnapKVPress, cli
-from kvpress_like.cache import CompressedLayer
+from kvpress_like.cache import CACHE_KWARG, CompressedLayer
 from kvpress_like.eval import model as eval_model
 from kvpress_like.eval.sample import ANSWER, build_sample
 
@@ -59,7 +59,7 @@ def _prompt_ids(tokenizer, sample) -> torch.Tensor:
 
 def _greedy(model, tokenizer, ids, cache) -> str:
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=16,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cache}, max_new_tokens=16,
                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

@@ -35,6 +35,7 @@ from kvpress_like import (
     press_from_dict,
     save_cache,
 )
+from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.pipeline import answer_on_cache
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -72,7 +73,7 @@ def maybe_press(model, p):
 def prefill(model, p, ids=CONTEXT_IDS) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with maybe_press(model, p), torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True)
     return cache
 
 

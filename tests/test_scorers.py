@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 import kvpress_like
 from kvpress_like.allocators.base import keep_count
+from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.compressors import (
     compactor,
     cur,
@@ -196,7 +197,7 @@ def build_ctx(case: str = "llama", pads=PADS, seq: int = SEQ, dtype=torch.float3
     cos, sin = rotary_tables(model, layer_idx, hidden, position_ids)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)  # keys and values exactly as the model caches them
-        attn(hidden_states=hidden, position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)
+        attn(hidden_states=hidden, position_embeddings=(cos, sin), attention_mask=None, **{CACHE_KWARG: cache})
         keys, v = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
         ctx = layer_context(
             model, module=attn, layer_idx=layer_idx, hidden_states=hidden, position_embeddings=(cos, sin),

@@ -20,6 +20,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from kvpress_like.cache import CACHE_KWARG
+
 COMMON = dict(
     vocab_size=128,
     hidden_size=64,
@@ -166,8 +168,8 @@ def prefill(model, ids, p=None):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         if p is None:
-            model(ids, past_key_values=cache)
+            model(ids, **{CACHE_KWARG: cache})
         else:
             with press(model, p):
-                model(ids, past_key_values=cache)
+                model(ids, **{CACHE_KWARG: cache})
     return cache
