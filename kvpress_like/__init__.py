@@ -15,6 +15,7 @@ from .allocators import (
     UniformAllocator,
 )
 from .cache import CompressedLayer, RaggedLayer, cache_bytes
+from .chunked import chunked_prefill
 from .compressors.chunkkv import ChunkKVPress
 from .compressors.compactor import CompactorPress
 from .compressors.cur import CURPress
@@ -77,6 +78,7 @@ __all__ = [
     "StreamingLLMPress",
     "UniformAllocator",
     "cache_bytes",
+    "chunked_prefill",
     "create_press",
     "hookimpl",
     "list_allocators",

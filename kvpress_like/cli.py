@@ -4,6 +4,7 @@ Subcommands:
 
 * ``presses``: every registered press (name, class, one-line description), allocator and architecture;
 * ``plugins``: every loaded plugin, its version and the hooks it implements;
+* ``eval``: evaluate presses × ratios on RULER-style tasks (resumable), print a table and save a plot;
 * ``run``: load a model (the embedded SmolLM2-135M-Instruct by default), compress the KV cache of a long context
   with a press, ask a question about it and report the answer, the cache size before and after, and the times.
 
@@ -22,8 +23,9 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 DEFAULT_FILE_QUESTION = "What is the text above about? Answer in one sentence."
 
@@ -47,7 +49,7 @@ def _mib(n: int) -> str:
     return f"{n:,} bytes ({n / 2**20:.2f} MiB)"
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A user error: printed as ``kvpress-like: error: ...`` with exit status 2."""
 
 
@@ -204,7 +206,8 @@ def _kept_entries(layer) -> tuple[int, int] | None:
     return None
 
 
-def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: int = 32, progress: bool = True):
+def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: int = 32, progress: bool = True,
+            chunk_size: int | None = None):
     """Prefill-compress ``context`` with press ``p``, then answer ``question`` greedily on the compressed cache.
 
     Args:
@@ -215,6 +218,8 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         question: asked after the context (never compressed).
         max_new_tokens: decoding budget.
         progress: show a per-layer progress bar while prefilling (on a terminal).
+        chunk_size: prefill in chunks of this many tokens, compressing after each
+            (:func:`kvpress_like.chunked.chunked_prefill`); ``None``: one forward.
 
     Returns:
         A :class:`RunResult` (``load_seconds``, ``expected`` and ``found`` are left for the caller).
@@ -223,6 +228,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
     from transformers import DynamicCache
 
     from .cache import CACHE_KWARG, cache_bytes
+    from .chunked import chunked_prefill
     from .context import press
     from .eval.model import full_cache_bytes
     from .press import describe
@@ -239,11 +245,15 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
 
     cache = DynamicCache(config=model.config)
     generated: list[int] = []
-    with press(model, p), torch.no_grad():
-        _stage(f"prefill+compress: {n_context:,} context tokens with {describe(p)} ...")
+    with press(model, p) if chunk_size is None else nullcontext(), torch.no_grad():
+        chunks = "" if chunk_size is None else f" in chunks of {chunk_size}"
+        _stage(f"prefill+compress: {n_context:,} context tokens{chunks} with {describe(p)} ...")
         start = time.perf_counter()
-        with _layer_progress(model, "prefill+compress", enabled=progress):
-            model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs)
+        with _layer_progress(model, "prefill+compress", enabled=progress and chunk_size is None):
+            if chunk_size is None:
+                model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs)
+            else:
+                cache = chunked_prefill(model, p, context_ids, chunk_size)
         prefill_seconds = time.perf_counter() - start
         bytes_after = cache_bytes(cache)
         counts = [_kept_entries(layer) for layer in cache.layers]
@@ -292,6 +302,8 @@ def cmd_run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise CLIError(f"--chunk-size must be >= 1; got {args.chunk_size}")
     if args.length is not None and args.length < 1:
         raise CLIError(f"--length must be >= 1; got {args.length}")
     press_args = parse_press_args(args.press_arg)
@@ -343,8 +355,13 @@ def cmd_run(args) -> int:
         expected = sample.answer if args.question is None else None
         source = f"built-in sample (Paul Graham essays, needle at depth {args.depth:g})"
 
-    result = run_job(model, tokenizer, p, context, question, max_new_tokens=args.max_new_tokens,
-                     progress=not args.no_progress)
+    try:
+        result = run_job(model, tokenizer, p, context, question, max_new_tokens=args.max_new_tokens,
+                         progress=not args.no_progress, chunk_size=args.chunk_size)
+    except ValueError as error:
+        if args.chunk_size is None:
+            raise
+        raise CLIError(f"--chunk-size: {error}") from error
     result.load_seconds = load_seconds
     if expected is not None:
         result.expected = expected
@@ -367,6 +384,41 @@ def cmd_run(args) -> int:
           f"{result.compressed_layers} compressed layers (ratio {p.ratio:g})")
     print(f"time:            load {result.load_seconds:.1f} s, prefill+compress {result.prefill_seconds:.2f} s, "
           f"decode {result.decode_seconds:.2f} s ({result.generated_tokens} tokens)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .eval import model as eval_model
+    from .eval import runner
+    from .eval import sample as eval_sample
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    grid = {"presses": args.presses, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.length,
+            "samples": args.samples}
+    try:
+        runner._check_grid(**grid, mode=args.mode)  # fail before the slow model load
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    eval_sample.data_dir()
+    output = Path(args.output or Path("eval_results") / ("default" if args.model == "default" else
+                                                          Path(args.model).name))
+    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+    _stage(f"loading model {label} ...")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    records = runner.run_eval(model, tokenizer, **grid, output_dir=output, mode=args.mode, seed=args.seed,
+                              model_name=args.model, max_new_tokens=args.max_new_tokens,
+                              progress=not args.no_progress)
+    rows = runner.summarize(records)
+    table = runner.format_table(rows)
+    (output / "summary.md").write_text(table + "\n", encoding="utf-8")
+    plot_path = runner.plot(rows, output / runner.PLOT_FILE)
+    print(f"model: {label}; mode: {args.mode}; tasks: {' '.join(args.tasks)}; {args.samples} sample(s) per task")
+    print(table)
+    print(f"results: {output / runner.RESULTS_FILE}\nsummary: {output / 'summary.md'}\nplot:    {plot_path}")
     return 0
 
 
@@ -417,7 +469,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also compress while decoding: keep N entries per head, compressing every --decode-interval")
     run.add_argument("--decode-interval", type=int, default=16, metavar="K",
                      help="growth allowed between decoding-time compressions (default: 16)")
+    run.add_argument("--chunk-size", type=int, metavar="N",
+                     help="prefill in chunks of N tokens, compressing after each (peak KV about budget + N)")
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate presses x ratios on RULER-style long-context tasks; table and plot",
+        description="Evaluate every press at every ratio (and the full cache) on generated RULER-style tasks. "
+        "Results are appended to OUTPUT/results.jsonl as they come; cells already there are skipped (resume by "
+        "running the same command again). Prints a summary table, writes OUTPUT/summary.md and a PNG plot of "
+        "score versus kept fraction.",
+    )
+    ev.add_argument("--model", default="default",
+                    help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
+    ev.add_argument("--presses", nargs="+", default=["compactor", "snapkv"], metavar="PRESS",
+                    help="press names, optionally with parameters: name:key=value,key=value "
+                    "(default: compactor snapkv)")
+    ev.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75], metavar="R",
+                    help="compression ratios in [0, 1) (default: 0.25 0.5 0.75)")
+    ev.add_argument("--tasks", nargs="+", default=["niah_single_2"], metavar="TASK",
+                    help="RULER-style task names, or 'fidelity' (default: niah_single_2)")
+    ev.add_argument("--length", nargs="+", type=int, default=[2048], metavar="N",
+                    help="prompt lengths in tokens of the model's tokenizer (default: 2048)")
+    ev.add_argument("--samples", type=int, default=20, help="samples per task and length (default: 20)")
+    ev.add_argument("--mode", choices=("query_agnostic", "query_aware"), default="query_agnostic",
+                    help="compress the context only (default) or the context with the question")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
+    ev.add_argument("--output", metavar="DIR", help="results directory (default: eval_results/MODEL)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="decoding budget (default: each task's)")
+    ev.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
