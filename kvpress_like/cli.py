@@ -53,6 +53,24 @@ class CLIError(ValueError):
     """A user error: printed as ``kvpress-like: error: ...`` with exit status 2."""
 
 
+def _ratio_note(p) -> str:
+    """``ratio 0.5``, or for a calibrated press the ratio it chose and why."""
+    chosen = getattr(p, "last_ratio", None)
+    if chosen is None:
+        return f"ratio {p.ratio:g}"
+    return (f"ratio {chosen:.3f} chosen for quality {p.quality:g}: context NLL {p.last_context_nll:.3f}, "
+            f"retention {p.last_retention:.3f}")
+
+
+def _ratio_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in [0, 1) or 'auto'; got {text!r}") from None
+
+
 def parse_press_args(items: list[str] | None) -> dict:
     """``["window=32", "allocator=uniform"]`` -> ``{"window": 32, "allocator": "uniform"}``.
 
@@ -307,6 +325,12 @@ def cmd_run(args) -> int:
     if args.length is not None and args.length < 1:
         raise CLIError(f"--length must be >= 1; got {args.length}")
     press_args = parse_press_args(args.press_arg)
+    if args.ratio != "auto" and (args.quality is not None or args.calibration is not None):
+        raise CLIError("--quality and --calibration go with --ratio auto")
+    if args.ratio == "auto":
+        press_args["quality"] = 0.95 if args.quality is None else args.quality
+        if args.calibration is not None:
+            press_args["params"] = args.calibration
     try:
         p = create_press(args.press, ratio=args.ratio, **press_args)
         if args.decode_budget is not None:
@@ -381,7 +405,7 @@ def cmd_run(args) -> int:
     print(f"KV cache before: {_mib(result.bytes_before)}  (full cache of the context)")
     print(f"KV cache after:  {_mib(result.bytes_after)}  (compressed, kvpress_like.cache_bytes)")
     print(f"kept fraction:   {bytes_ratio:.3f} of the bytes; {result.kept_fraction:.3f} of the KV pairs in the "
-          f"{result.compressed_layers} compressed layers (ratio {p.ratio:g})")
+          f"{result.compressed_layers} compressed layers ({_ratio_note(p)})")
     print(f"time:            load {result.load_seconds:.1f} s, prefill+compress {result.prefill_seconds:.2f} s, "
           f"decode {result.decode_seconds:.2f} s ({result.generated_tokens} tokens)")
     return 0
@@ -422,6 +446,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from . import calibration
+    from .eval import model as eval_model
+    from .registry import list_presses
+
+    unknown = [name for name in args.press if name not in list_presses()]
+    if unknown:
+        raise CLIError(f"unknown press(es) {unknown}; see kvpress-like presses")
+    if args.samples < 1 or any(n < 64 for n in args.lengths):
+        raise CLIError("--samples must be >= 1 and --lengths >= 64 tokens")
+    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+    _stage(f"loading model {label} ...")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    try:
+        result = calibration.calibrate(model, tokenizer, args.press, lengths=args.lengths, samples=args.samples,
+                                       seed=args.seed, model_name=label, progress=not args.no_progress)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"model: {label}")
+    print("| press | alpha | beta | points | mean context NLL | retention at quality 0.95 (mean NLL) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, entry in result["presses"].items():
+        nll = sum(p["context_nll"] for p in entry["points"]) / len(entry["points"])
+        retention = calibration.QualityModel(entry["alpha"], entry["beta"]).retention(0.95, nll)
+        print(f"| {name} | {entry['alpha']:.4f} | {entry['beta']:.4f} | {len(entry['points'])} | {nll:.3f} "
+              f"| {retention:.3f} |")
+    print(f"saved: {output}")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -451,8 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
     run.add_argument("--press", default="compactor",
                      help="registered press name (kvpress-like presses; default: compactor, query-agnostic)")
-    run.add_argument("--ratio", type=float, default=0.5,
-                     help="fraction of the context's KV pairs removed, in [0, 1) (default: 0.5)")
+    run.add_argument("--ratio", type=_ratio_arg, default=0.5,
+                     help="fraction of the context's KV pairs removed, in [0, 1), or 'auto': chosen per context to "
+                     "keep --quality of the full cache's quality (context-calibrated; default: 0.5)")
+    run.add_argument("--quality", type=float, default=None,
+                     help="with --ratio auto: fraction of full-cache quality to keep, in (0, 1] (default: 0.95)")
+    run.add_argument("--calibration", metavar="FILE",
+                     help="with --ratio auto: parameters from kvpress-like calibrate (default: the shipped ones)")
     run.add_argument("--press-arg", action="append", metavar="KEY=VALUE",
                      help="extra press parameter, repeatable (e.g. --press-arg window=32 "
                      "--press-arg allocator=uniform)")
@@ -501,6 +566,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit the context-calibrated compression parameters of presses on generated calibration tasks",
+        description="Measure each press's quality (answer NLL ratio, compressed vs full cache) at retentions "
+        "0.1..0.9 on generated calibration samples (seeds disjoint from evaluation), fit the quality model "
+        "b = alpha * NLL(context) + beta, and save the parameters as JSON for CalibratedPress(params=FILE).",
+    )
+    cal.add_argument("--press", nargs="+", default=["compactor"], help="press names (default: compactor)")
+    cal.add_argument("--model", default="default",
+                     help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
+    cal.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="context lengths in tokens")
+    cal.add_argument("--samples", type=int, default=4, help="samples per task and length (default: 4)")
+    cal.add_argument("--seed", type=int, default=1_000_003, help="seed of the calibration samples")
+    cal.add_argument("--output", default="calibration.json", help="output JSON file (default: calibration.json)")
+    cal.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

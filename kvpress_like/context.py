@@ -38,29 +38,42 @@ def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch
 
 
 class _ModelScope:
-    """Scores of every compressible layer of one prefill, held until the last one is in (model-scope allocators)."""
+    """Scores of every compressible layer of one prefill, held until the last one is in (model-scope allocators),
+    or until the press chooses its ratio after the whole forward (presses with ``defers_selection``)."""
 
     def __init__(self, p: Press, layers: tuple[int, ...]):
         self.press, self.layers = p, layers
         self.pending: dict[int, tuple] = {}
+        self.cache = None
 
     def add(self, ctx: LayerContext, cache) -> None:
         if ctx.layer_idx == self.layers[0]:
             self.pending.clear()  # a new prefill (or a previous one that raised midway)
         scores, protected = self.press.layer_scores(ctx)
         self.pending[ctx.layer_idx] = (scores, protected, ctx.valid)
-        if ctx.layer_idx != self.layers[-1]:
-            return
+        self.cache = cache
+        if ctx.layer_idx == self.layers[-1] and not self.press.defers_selection:
+            self.finalize(cache, self.press.ratio)
+            self.pending.clear()
+
+    def finalize(self, cache, ratio: float) -> None:
+        """Compress every compressible layer of ``cache`` (still holding the full context) at ``ratio`` with the
+        held scores and the press's allocator."""
         if sorted(self.pending) != list(self.layers):
             raise RuntimeError("model-scope compression did not see every compressible layer of this prefill")
+        allocator = self.press._allocator
         all_scores = [self.pending[i][0] for i in self.layers]
-        counts = self.press._allocator.allocate_model(all_scores, ctx.valid, protected, self.press.ratio, self.layers)
+        _, protected, valid = self.pending[self.layers[-1]]
+        if allocator.scope == "model":
+            counts = allocator.allocate_model(all_scores, valid, protected, ratio, self.layers)
+        else:
+            counts = [allocator.allocate(s, valid, protected, ratio, i, self.layers) for i, s in
+                      zip(self.layers, all_scores)]
         for idx, layer_scores, layer_counts in zip(self.layers, all_scores, counts):
             full = cache.layers[idx]
             keys, values = full_keys_values(full)
             indices, slot_valid = select_top(layer_scores, layer_counts.to(layer_scores.device))
             cache.layers[idx] = requantize(full, store(keys, values, indices, slot_valid))
-        self.pending.clear()
 
 
 class _LayerHooks:
@@ -200,7 +213,7 @@ def press(model: nn.Module, p: Press):
             "exit its `with press(...)` block before installing another"
         )
     layer_ids = tuple(compressible)
-    model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" else None
+    model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" or p.defers_selection else None
     handles, all_hooks = [], []
     _ACTIVE[model] = p
     try:
@@ -210,6 +223,8 @@ def press(model: nn.Module, p: Press):
             _HOOKED[attn] = p
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
+        if p.defers_selection:
+            handles.extend(p.install(model, model_scope))
         yield model
     finally:
         for handle in handles + [h._capture for h in all_hooks if h._capture is not None]:

@@ -104,6 +104,9 @@ def _check_count(name: str, value) -> int:
     return value
 
 
+_CALIBRATION_ARGS = ("quality", "params", "nll_positions", "min_retention")
+
+
 @dataclass
 class Press:
     """Base press: configuration plus a scorer. Subclasses set ``name`` and implement :meth:`score`.
@@ -124,6 +127,19 @@ class Press:
     n_sink: int = 0
     window: int = 0
     compression_ratio: InitVar[float | None] = None
+
+    def __new__(cls, *args, **kwargs):
+        """``ratio="auto"`` builds a :class:`~kvpress_like.calibration.CalibratedPress` around this press instead:
+        ``CompactorPress(ratio="auto", quality=0.95)``."""
+        if "auto" in (kwargs.get("ratio"), kwargs.get("compression_ratio"), args[0] if args else None):
+            from .calibration import CalibratedPress
+
+            if issubclass(cls, CalibratedPress):
+                raise ValueError("CalibratedPress chooses the ratio itself: do not pass ratio")
+            inner = {k: v for k, v in kwargs.items() if k not in ("ratio", "compression_ratio", *_CALIBRATION_ARGS)}
+            calibration = {k: kwargs[k] for k in _CALIBRATION_ARGS if k in kwargs}
+            return CalibratedPress(scorer=cls(*args[1:], **inner), **calibration)
+        return super().__new__(cls)
 
     def __post_init__(self, compression_ratio: float | None = None):
         if compression_ratio is not None:
@@ -187,6 +203,13 @@ class Press:
         """Whether a context's first forward is compressed (``ratio > 0``)."""
         return self.ratio > 0
 
+    defers_selection: ClassVar[bool] = False  # True: select after the whole prefill forward (see ``install``)
+
+    def install(self, model: nn.Module, scope) -> list:
+        """Presses with ``defers_selection`` register their model-level hooks here and return the handles; they
+        call ``scope.finalize(cache, ratio)`` once they have chosen the ratio."""
+        raise NotImplementedError
+
     def after_forward(self, hooks, module: nn.Module, kwargs: dict, cache, was_prefill: bool) -> None:
         """Called after every forward of a compressible layer (prefill or not); presses acting while decoding
         override it (see :class:`~kvpress_like.decoding.DecodingPress`)."""
@@ -200,7 +223,7 @@ class Press:
 
     def to_dict(self) -> dict:
         """JSON-ready description: ``{"press": name, **parameters}`` (``create_press`` reverses it)."""
-        params = {f.name: getattr(self, f.name) for f in fields(self)}
+        params = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         for key, value in params.items():
             if isinstance(value, Press):
                 params[key] = value.to_dict()

@@ -47,8 +47,8 @@ from kvpress_like.compressors import (
 from kvpress_like.press import LayerContext, select_top
 from kvpress_like.registry import architecture_for
 
-#: every registered prefill press ("decoding" wraps a scorer and is tested in test_decoding.py)
-PREFILL_PRESSES = [name for name in kvpress_like.list_presses() if name != "decoding"]
+#: every registered prefill press ("decoding" and "calibrated" wrap a scorer: test_decoding.py, test_calibration.py)
+PREFILL_PRESSES = [name for name in kvpress_like.list_presses() if name not in ("decoding", "calibrated")]
 F64 = torch.float64
 
 

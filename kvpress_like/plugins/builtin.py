@@ -9,6 +9,7 @@ from ..allocators.kvcompose import KVComposeAllocator
 from ..allocators.per_layer import PerLayerAllocator
 from ..allocators.pyramid import PyramidAllocator
 from ..allocators.uniform import UniformAllocator
+from ..calibration import CalibratedPress
 from ..compressors.chunkkv import ChunkKVPress
 from ..compressors.compactor import CompactorPress
 from ..compressors.cur import CURPress
@@ -28,7 +29,7 @@ from ..registry import hookimpl
 PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
-    DecodingPress,
+    DecodingPress, CalibratedPress,
 )
 ALLOCATORS = (
     UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,

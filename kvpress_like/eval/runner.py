@@ -1,0 +1,345 @@
+"""The evaluation grid behind ``kvpress-like eval``: presses × ratios × tasks × lengths × samples on one model.
+
+Every sample of the grid is one *cell*. A cell prefills its prompt's compressed part under the press, then answers
+greedily on the compressed cache and is scored as RULER scores the task (:mod:`kvpress_like.eval.metrics`). The
+full cache (press ``"full"``, ratio 0) is always evaluated on the same samples, as the reference.
+
+Two modes:
+
+* ``query_agnostic`` (default): only the context is compressed; the question comes after compression.
+* ``query_aware``: the question is part of the compressed prefill; only the assistant's answer prefix follows.
+
+The task ``fidelity`` is the dense metric of :mod:`kvpress_like.eval.fidelity`: the NLL of a continuation that
+copies a span from deep inside the context, and the KL divergence of next-token distributions between the full and
+the compressed cache (no answer parsing).
+
+Results are appended to ``results.jsonl`` (one JSON object per cell) as they come; a cell already in the file is
+skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ..cache import CACHE_KWARG
+from ..context import press as press_context
+from ..pipeline import answer_on_cache, encode_prompt, kept_fraction
+from ..press import Press
+
+FULL = "full"
+MODES = ("query_agnostic", "query_aware")
+FIDELITY = "fidelity"
+RESULTS_FILE = "results.jsonl"
+PLOT_FILE = "score_vs_kept.png"
+
+
+@dataclass(frozen=True)
+class PressSpec:
+    """A press of the grid: a registry name plus parameters, written ``name`` or ``name:key=value,key=value``."""
+
+    label: str
+    name: str
+    params: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> PressSpec:
+        from ..cli import parse_press_args
+
+        name, _, rest = spec.partition(":")
+        params = parse_press_args([item for item in rest.split(",") if item]) if rest else {}
+        return cls(spec, name, tuple(sorted(params.items())))
+
+    def create(self, ratio: float) -> Press:
+        from ..registry import create_press
+
+        return create_press(self.name, ratio=ratio, **dict(self.params))
+
+
+def cell_key(model: str, press: str, ratio: float, task: str, length: int, mode: str, index: int, seed: int) -> str:
+    """The identity of one cell in ``results.jsonl`` (what resuming compares)."""
+    return json.dumps([model, press, round(float(ratio), 6), task, length, mode, index, seed])
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """Records of ``path`` (JSON lines) by :func:`cell_key`; a torn last line (an interrupted write) is ignored."""
+    records = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[record["key"]] = record
+    return records
+
+
+def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
+    """A cache holding ``context_ids`` ``[1, S]``, compressed if a press is installed on ``model``."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True)
+    return cache
+
+
+def evaluate_task_sample(model, tokenizer, p: Press | None, sample, mode: str, max_new_tokens: int | None) -> dict:
+    """Answer one task sample on a cache compressed by ``p`` (``None``: the full cache) and score the answer.
+
+    Returns:
+        ``score`` (in [0, 1]), ``prediction``, ``kept_fraction`` and ``context_tokens`` (tokens prefilled).
+    """
+    from .metrics import score
+
+    device = next(model.parameters()).device
+    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    if mode == "query_aware":  # the question joins the compressed part; only the last prompt token follows
+        context_ids, suffix_ids = torch.cat([context_ids, suffix_ids[:, :-1]], dim=1), suffix_ids[:, -1:]
+    context_ids, suffix_ids = context_ids.to(device), suffix_ids.to(device)
+    budget = max_new_tokens or sample.max_new_tokens
+    with torch.no_grad(), press_context(model, p) if p is not None else nullcontext():
+        cache = prefill(model, context_ids)
+        kept = kept_fraction(cache)
+        answer_ids = answer_on_cache(model, cache, context_ids, suffix_ids, budget)
+    prediction = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+    return {"score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
+            "answers": list(sample.answers), "kept_fraction": kept, "context_tokens": context_ids.shape[1]}
+
+
+def evaluate_fidelity_sample(model, tokenizer, p: Press | None, sample) -> dict:
+    """NLL of the copied span with the full and the compressed cache, and their next-token KL divergence."""
+    from .fidelity import fidelity
+
+    if p is None:
+        return {"score": None, "nll_full": None, "nll_press": None, "kl": 0.0, "kept_fraction": 1.0}
+    result = fidelity(model, tokenizer, p, sample)
+    return {"score": None, "nll_full": result.nll_full, "nll_press": result.nll_press, "kl": result.kl,
+            "kept_fraction": result.kept_fraction}
+
+
+def _check_grid(presses, ratios, tasks, lengths, samples, mode) -> list[PressSpec]:
+    from ..registry import list_presses
+    from .tasks import TASKS
+
+    specs = [PressSpec.parse(spec) for spec in presses]
+    known = list_presses()
+    unknown = [spec.name for spec in specs if spec.name not in known and spec.name != FULL]
+    if unknown:
+        raise ValueError(f"unknown press(es) {unknown}; registered: {', '.join(sorted(known))}")
+    for spec in specs:
+        spec.create(0.5)  # bad parameters fail now, not after hours of evaluation
+    if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
+        raise ValueError(f"ratios must be a non-empty list of numbers in [0, 1); got {list(ratios)}")
+    bad = [t for t in tasks if t not in TASKS and t != FIDELITY]
+    if not tasks or bad:
+        raise ValueError(f"unknown task(s) {bad}; known: {', '.join((*TASKS, FIDELITY))}")
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in lengths):
+        raise ValueError(f"lengths must be ints >= 64 (tokens); got {list(lengths)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int; got {samples!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    return specs
+
+
+def _samples(task: str, tokenizer, length: int, n: int, seed: int) -> list:
+    if task == FIDELITY:
+        from .fidelity import copy_sample
+
+        depths = [0.1 + 0.8 * (i + 0.5) / n for i in range(n)]  # spread the copied span over the context
+        return [copy_sample(tokenizer, length, depth=d, seed=seed + i) for i, d in enumerate(depths)]
+    from .tasks import generate_samples
+
+    return generate_samples(task, tokenizer, length, n, seed=seed)
+
+
+def run_eval(
+    model,
+    tokenizer,
+    *,
+    presses: Iterable[str],
+    ratios: Iterable[float],
+    tasks: Iterable[str],
+    lengths: Iterable[int],
+    samples: int,
+    output_dir: str | Path,
+    mode: str = "query_agnostic",
+    seed: int = 0,
+    model_name: str = "default",
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every cell of the grid not yet in ``output_dir/results.jsonl`` and return all the grid's records.
+
+    Args:
+        model: a supported causal LM in eval mode.
+        tokenizer: its tokenizer (lengths are counted in its tokens).
+        presses: press specs (``"compactor"``, ``"snapkv:window=32"``, ``"compactor:allocator=head_adaptive"``).
+        ratios: compression ratios in [0, 1).
+        tasks: names from :data:`kvpress_like.eval.tasks.TASKS`, or ``"fidelity"``.
+        lengths: prompt lengths in tokens.
+        samples: samples per task and length.
+        output_dir: where ``results.jsonl`` lives (created if needed).
+        mode: ``"query_agnostic"`` or ``"query_aware"``.
+        seed: seed of the generated samples.
+        model_name: recorded with each cell (cells of another model are not reused).
+        max_new_tokens: decoding budget; ``None`` uses each task's own.
+        progress: show a progress bar over the grid (stderr).
+
+    Raises:
+        ValueError: an unknown press, task or mode, a bad ratio, length or sample count.
+    """
+    presses, ratios, tasks, lengths = list(presses), [float(r) for r in ratios], list(tasks), list(lengths)
+    specs = _check_grid(presses, ratios, tasks, lengths, samples, mode)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / RESULTS_FILE
+    done = load_results(path)
+    configs = [(FULL, 0.0, None)] + [(s.label, r, s) for s in specs for r in ratios]
+    total = len(lengths) * len(tasks) * samples * len(configs)
+    bar = _progress_bar(total, progress)
+    records = []
+    try:
+        with path.open("a", encoding="utf-8") as sink:
+            for length in lengths:
+                for task in tasks:
+                    task_samples = None
+                    for index in range(samples):
+                        for label, ratio, spec in configs:
+                            key = cell_key(model_name, label, ratio, task, length, mode, index, seed)
+                            if key in done:
+                                records.append(done[key])
+                                bar.update(1)
+                                continue
+                            if task_samples is None:  # generated only when a cell of this task needs running
+                                task_samples = _samples(task, tokenizer, length, samples, seed)
+                            bar.set_postfix_str(f"{label} r={ratio:g} {task} {length}", refresh=False)
+                            p = spec.create(ratio) if spec is not None and ratio > 0 else None
+                            start = time.perf_counter()
+                            if task == FIDELITY:
+                                result = evaluate_fidelity_sample(model, tokenizer, p, task_samples[index])
+                            else:
+                                result = evaluate_task_sample(model, tokenizer, p, task_samples[index], mode,
+                                                              max_new_tokens)
+                            record = {"key": key, "model": model_name, "press": label, "ratio": ratio, "task": task,
+                                      "length": length, "mode": mode, "index": index, "seed": seed, **result,
+                                      "seconds": round(time.perf_counter() - start, 3)}
+                            sink.write(json.dumps(record) + "\n")
+                            sink.flush()
+                            done[key] = record
+                            records.append(record)
+                            bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+def _progress_bar(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the [eval] extra
+        return _NoBar()
+    return tqdm(total=total, desc="eval", unit="cell", disable=not enabled)
+
+
+class _NoBar:
+    def update(self, n=1): ...
+
+    def set_postfix_str(self, s, refresh=True): ...
+
+    def close(self): ...
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (press, ratio, length): mean task score, mean kept fraction, and the fidelity means.
+
+    Returns:
+        Dicts with ``press``, ``ratio``, ``length``, ``score`` (mean over task cells, in [0, 1]; NaN without task
+        cells), ``relative`` (score / the full cache's on the same cells), ``kept_fraction``, ``kl`` and
+        ``delta_nll`` (fidelity cells, NaN without), ``cells``.
+    """
+    groups = defaultdict(list)
+    for record in records:
+        groups[(record["press"], record["ratio"], record["length"])].append(record)
+    rows = []
+    for (label, ratio, length), cells in groups.items():
+        tasks = [c for c in cells if c["task"] != FIDELITY]
+        fid = [c for c in cells if c["task"] == FIDELITY and c.get("nll_press") is not None]
+        pairs = {(c["task"], c["index"]) for c in tasks}
+        full_score = _mean(c["score"] for c in groups.get((FULL, 0.0, length), []) if (c["task"], c["index"]) in pairs)
+        score = _mean(c["score"] for c in tasks)
+        rows.append({
+            "press": label, "ratio": ratio, "length": length, "score": score,
+            "relative": score / full_score if full_score and not math.isnan(full_score) else math.nan,
+            "kept_fraction": _mean(c["kept_fraction"] for c in cells),
+            "kl": _mean(c["kl"] for c in fid) if fid else (0.0 if label == FULL else math.nan),
+            "delta_nll": _mean(c["nll_press"] - c["nll_full"] for c in fid) if fid else
+            (0.0 if label == FULL else math.nan),
+            "cells": len(cells),
+        })
+    rows.sort(key=lambda row: (row["length"], row["press"] != FULL, row["press"], row["ratio"]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`summarize`'s rows."""
+    def cell(value, fmt):
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    lines = ["| length | press | ratio | kept | score | vs full | KL | ΔNLL | cells |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['length']} | {row['press']} | {row['ratio']:g} | {cell(row['kept_fraction'], '.3f')} "
+                     f"| {cell(100 * row['score'], '.1f')} | {cell(100 * row['relative'], '.0f')}% "
+                     f"| {cell(row['kl'], '.3f')} | {cell(row['delta_nll'], '+.3f')} | {row['cells']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | Path) -> Path:
+    """Save a PNG of task score (and KL, when fidelity cells exist) versus kept fraction, one line per press and
+    length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_kl = any(not math.isnan(r["kl"]) and r["press"] != FULL for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12 if has_kl else 7, 4.5), squeeze=False)
+    lengths = sorted({r["length"] for r in rows})
+    for label in sorted({r["press"] for r in rows if r["press"] != FULL}):
+        for length in lengths:
+            line = sorted((r for r in rows if r["press"] == label and r["length"] == length),
+                          key=lambda r: r["kept_fraction"])
+            full = [r for r in rows if r["press"] == FULL and r["length"] == length]
+            points = full + line
+            name = label if len(lengths) == 1 else f"{label} ({length})"
+            for ax, metric, scale in ((axes[0][0], "score", 100),) + (((axes[0][1], "kl", 1),) if has_kl else ()):
+                xs = [p["kept_fraction"] for p in points if not math.isnan(p[metric])]
+                ys = [scale * p[metric] for p in points if not math.isnan(p[metric])]
+                if xs:
+                    ax.plot(xs, ys, marker="o", label=name)
+    axes[0][0].set(xlabel="kept fraction of the context's KV pairs", ylabel="score (%)",
+                   title="task score vs kept fraction")
+    if has_kl:
+        axes[0][1].set(xlabel="kept fraction of the context's KV pairs", ylabel="KL(full ‖ press), nats",
+                       title="fidelity: next-token KL vs kept fraction")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
