@@ -166,6 +166,7 @@ class RunResult:
     prefill_seconds: float
     decode_seconds: float
     load_seconds: float = 0.0
+    ratio: float | None = None
     expected: str | None = None
     found: bool | None = None
 
@@ -382,10 +383,9 @@ def cmd_run(args) -> int:
     try:
         result = run_job(model, tokenizer, p, context, question, max_new_tokens=args.max_new_tokens,
                          progress=not args.no_progress, chunk_size=args.chunk_size)
-    except ValueError as error:
-        if args.chunk_size is None:
-            raise
-        raise CLIError(f"--chunk-size: {error}") from error
+    except ValueError as error:  # e.g. a press chunked prefill or calibration does not support
+        raise CLIError(str(error)) from error
+    result.ratio = p.ratio if getattr(p, "last_ratio", None) is None else p.last_ratio
     result.load_seconds = load_seconds
     if expected is not None:
         result.expected = expected

@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrained
 
 import kvpress_like
 from kvpress_like import cli, pipeline
+from kvpress_like.allocators import keep_count
 from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.eval import model as eval_model
 from kvpress_like.eval import sample as eval_sample
@@ -303,3 +304,56 @@ def test_run_with_other_allocators(allocator, model_dir, context_file, capsys):
     assert result["bytes_after"] < result["bytes_before"]
     assert result["compressed_layers"] == 2
     assert result["kept_fraction"] == pytest.approx(0.5, abs=0.05)
+
+
+# -- run: chunked prefill and calibrated ratio ------------------------------------------------------------------------
+def test_run_chunked_prefill_keeps_the_ratio_budget(model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--question", QUESTION,
+                     "--press", "knorm", "--ratio", "0.75", "--chunk-size", "8", "--max-new-tokens", "2",
+                     "--no-progress", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    n = result["context_tokens"]
+    assert result["kept_fraction"] == pytest.approx(keep_count(n, 0.75) / n)
+    assert result["ratio"] == 0.75
+    assert "in chunks of 8" in captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
+    (["--chunk-size", "8", "--press", "chunkkv"], "uniform allocator"),
+    (["--quality", "0.9"], "--quality and --calibration go with --ratio auto"),
+    (["--ratio", "auto", "--quality", "1.5"], "quality must be a number in (0, 1]"),
+    (["--ratio", "auto"], "no calibration parameters are shipped for this model"),
+])
+def test_run_chunk_and_calibration_errors(args, message, model_dir, context_file, capsys):
+    code = cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--no-progress", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_ratio_auto_reports_the_chosen_ratio(model_dir, context_file, tmp_path, capsys):
+    from kvpress_like.calibration import FORMAT, model_fingerprint
+    from kvpress_like.eval.model import load_model
+
+    model, _ = load_model(str(model_dir))
+    params = tmp_path / "calibration.json"
+    params.write_text(json.dumps({"format": FORMAT, "model": {"weights_sha256": model_fingerprint(model)},
+                                  "presses": {"compactor": {"alpha": -0.5, "beta": 0.5}}}))
+    base = ["run", "--model", str(model_dir), "--context-file", str(context_file), "--press", "compactor",
+            "--ratio", "auto", "--quality", "0.7", "--calibration", str(params), "--max-new-tokens", "2",
+            "--no-progress"]
+    assert cli.main([*base, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["ratio"] < 1
+    n = result["context_tokens"]
+    assert result["kept_fraction"] == pytest.approx(keep_count(n, result["ratio"]) / n)
+    assert cli.main(base) == 0
+    assert "chosen for quality 0.7" in capsys.readouterr().out
+
+
+def test_run_ratio_must_be_a_number_or_auto(model_dir, context_file, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--ratio", "half"])
+    assert "a number in [0, 1) or 'auto'" in capsys.readouterr().err
