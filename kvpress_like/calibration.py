@@ -319,13 +319,33 @@ RETENTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class _ScoreRecorder(CalibratedPress):
-    """Keeps the full cache, the scores and the context NLL of a prefill instead of compressing."""
+    """Records, for one prefill, every wrapped press's layer scores and the context NLL instead of compressing."""
+
+    def __post_init__(self, compression_ratio=None):
+        super().__post_init__(compression_ratio)
+        self.scorers: dict[str, Press] = {self.scorer.name: self.scorer}
+        self.scores: dict[str, dict[int, tuple]] = {}
+        self.nll: float | None = None
 
     def quality_model(self, model):
         return QualityModel(0.0, 0.0)  # unused: nothing is compressed while recording
 
+    def layer_scores(self, ctx):
+        for name, scorer in self.scorers.items():
+            scores, protected = scorer.layer_scores(ctx)
+            self.scores.setdefault(name, {})[ctx.layer_idx] = (scores, protected, ctx.valid)
+        return self.scores[self.scorer.name][ctx.layer_idx][:2]
+
     def finish_prefill(self, scope, nll, model):
-        self.recorded = (dict(scope.pending), nll)
+        self.nll = nll
+
+    def compress_at(self, name: str, cache, ratio: float) -> None:
+        """Compress ``cache`` (holding the recorded context in full) with press ``name``'s recorded scores."""
+        from .context import _ModelScope
+
+        scope = _ModelScope(self.scorers[name], tuple(sorted(self.scores[name])))
+        scope.pending = self.scores[name]
+        scope.finalize(cache, ratio)
 
 
 def answer_nll(model, cache, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -> float:
@@ -338,17 +358,18 @@ def answer_nll(model, cache, prompt_ids: torch.Tensor, answer_ids: torch.Tensor)
     return float(torch.nn.functional.cross_entropy(logits.float(), answer_ids[0].to(logits.device)))
 
 
-def calibration_points(model, tokenizer, scorer: Press, lengths, samples: int, seed: int = CALIBRATION_SEED,
-                       tasks=CALIBRATION_TASKS, retentions=RETENTIONS, progress: bool = True) -> list[dict]:
-    """Measured quality of ``scorer`` at every retention on generated calibration samples.
+def calibration_points(model, tokenizer, scorers: list[Press], lengths, samples: int, seed: int = CALIBRATION_SEED,
+                       tasks=CALIBRATION_TASKS, retentions=RETENTIONS, progress: bool = True) -> dict[str, list]:
+    """Measured quality of each press at every retention on generated calibration samples.
 
-    For each sample, one prefill records the scores of every layer and the context's NLL; the cache is then
-    compressed at each retention from those scores (the prefill does not depend on the ratio), and the answer's NLL is
-    measured on it. Quality is ``NLL(answer | full) / NLL(answer | compressed)``.
+    For each sample one prefill records every press's scores in every layer and the context's NLL; the full cache is
+    then compressed at each retention from those scores (a prefill does not depend on the ratio: layers are
+    compressed after their attention), and the answer's NLL is measured on it. Quality is
+    ``NLL(answer | full) / NLL(answer | compressed)``.
 
     Returns:
-        One dict per (sample, retention): ``task``, ``length``, ``index``, ``context_nll``, ``retention``,
-        ``kept_fraction``, ``quality``, ``nll_full``, ``nll_press``.
+        Per press name, one dict per (sample, retention): ``task``, ``length``, ``index``, ``context_nll``,
+        ``retention``, ``kept_fraction``, ``quality``, ``nll_full``, ``nll_press``.
     """
     import copy
 
@@ -359,7 +380,10 @@ def calibration_points(model, tokenizer, scorer: Press, lengths, samples: int, s
     from .eval.tasks import generate_samples
     from .pipeline import encode_prompt, kept_fraction
 
-    recorder = _ScoreRecorder(scorer=scorer)
+    recorder = _ScoreRecorder(scorer=scorers[0])
+    for extra in scorers[1:]:
+        CalibratedPress(scorer=extra)  # the same checks as a calibrated press
+        recorder.scorers[extra.name] = extra
     device = next(model.parameters()).device
     work = [(task, length, i, s) for length in lengths for task in tasks
             for i, s in enumerate(generate_samples(task, tokenizer, length, samples, seed=seed))]
@@ -369,57 +393,44 @@ def calibration_points(model, tokenizer, scorer: Press, lengths, samples: int, s
         work = tqdm(work, desc="calibrate", unit="sample", disable=not progress)
     except ImportError:
         pass
-    points = []
+    points = {name: [] for name in recorder.scorers}
     with torch.no_grad(), press_context(model, recorder):
         for task, length, index, sample in work:
             context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
-            answer_ids = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False, return_tensors="pt")
+            answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False, return_tensors="pt")
             context_ids, suffix_ids = context_ids.to(device), suffix_ids.to(device)
-            answer_ids = answer_ids["input_ids"].to(device)
+            answer_ids = answer["input_ids"].to(device)
             full = DynamicCache(config=model.config)
             model(input_ids=context_ids, **{CACHE_KWARG: full}, use_cache=True, logits_to_keep=1)
-            pending, nll = recorder.recorded
-            scope = _DetachedScope(recorder, pending)
             nll_full = answer_nll(model, copy.deepcopy(full), suffix_ids, answer_ids)
-            for retention in retentions:
-                cache = copy.deepcopy(full)
-                scope.finalize(cache, 1.0 - retention)
-                kept = kept_fraction(cache)
-                nll_press = answer_nll(model, cache, suffix_ids, answer_ids)
-                points.append({"task": task, "length": length, "index": index, "context_nll": nll,
-                               "retention": retention, "kept_fraction": kept, "nll_full": nll_full,
-                               "nll_press": nll_press, "quality": nll_full / max(nll_press, 1e-6)})
+            for name in recorder.scorers:
+                for retention in retentions:
+                    cache = copy.deepcopy(full)
+                    recorder.compress_at(name, cache, 1.0 - retention)
+                    nll_press = answer_nll(model, cache, suffix_ids, answer_ids)
+                    points[name].append({"task": task, "length": length, "index": index, "context_nll": recorder.nll,
+                                         "retention": retention, "kept_fraction": kept_fraction(cache),
+                                         "nll_full": nll_full, "nll_press": nll_press,
+                                         "quality": nll_full / max(nll_press, 1e-6)})
     return points
 
 
-class _DetachedScope:
-    """The held scores of one recorded prefill, compressible at any ratio (see ``context._ModelScope``)."""
-
-    def __init__(self, p: Press, pending: dict):
-        from .context import _ModelScope
-
-        self._scope = _ModelScope(p, tuple(sorted(pending)))
-        self._scope.pending = pending
-
-    def finalize(self, cache, ratio: float) -> None:
-        self._scope.finalize(cache, ratio)
-
-
-def calibrate(model, tokenizer, press_names, lengths=(1024, 2048), samples: int = 4, seed: int = CALIBRATION_SEED,
+def calibrate(model, tokenizer, press_names, lengths=(1024, 2048), samples: int = 3, seed: int = CALIBRATION_SEED,
               over_weight: float = 4.0, model_name: str = "", progress: bool = True) -> dict:
     """Fit the quality model of each press on generated calibration tasks; returns the calibration file's content
-    (write it with ``json.dump``)."""
+    (the fitted ``alpha``, ``beta`` and the measured points of every press)."""
     from .registry import create_press
 
+    points = calibration_points(model, tokenizer, [create_press(name) for name in press_names], lengths, samples,
+                                seed, progress=progress)
     result = {"format": FORMAT,
               "model": {"name": model_name, "weights_sha256": model_fingerprint(model)},
               "fit": {"lengths": list(lengths), "samples_per_task": samples, "seed": seed, "tasks":
                       list(CALIBRATION_TASKS), "retentions": list(RETENTIONS), "over_weight": over_weight,
                       "quality_proxy": "NLL(answer | full cache) / NLL(answer | compressed cache)"},
               "presses": {}}
-    for name in press_names:
-        points = calibration_points(model, tokenizer, create_press(name), lengths, samples, seed, progress=progress)
-        fitted = fit_quality_model([p["context_nll"] for p in points], [p["kept_fraction"] for p in points],
-                                   [p["quality"] for p in points], over_weight=over_weight)
-        result["presses"][name] = {"alpha": fitted.alpha, "beta": fitted.beta, "points": points}
+    for name, measured in points.items():
+        fitted = fit_quality_model([p["context_nll"] for p in measured], [p["kept_fraction"] for p in measured],
+                                   [p["quality"] for p in measured], over_weight=over_weight)
+        result["presses"][name] = {"alpha": fitted.alpha, "beta": fitted.beta, "points": measured}
     return result

@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default="default",
                      help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
     cal.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="context lengths in tokens")
-    cal.add_argument("--samples", type=int, default=4, help="samples per task and length (default: 4)")
+    cal.add_argument("--samples", type=int, default=3, help="samples per task and length (default: 3)")
     cal.add_argument("--seed", type=int, default=1_000_003, help="seed of the calibration samples")
     cal.add_argument("--output", default="calibration.json", help="output JSON file (default: calibration.json)")
     cal.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")

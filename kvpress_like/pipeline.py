@@ -97,6 +97,14 @@ def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.T
     return output[0, prompt.shape[1]:]
 
 
+def _applied_ratio(p: Press | None) -> float:
+    """The ratio the last prefill used: a calibrated press's choice, else the press's ratio (0 without a press)."""
+    if p is None:
+        return 0.0
+    chosen = getattr(p, "last_ratio", None)
+    return p.ratio if chosen is None else chosen
+
+
 class KVPressTextGenerationPipeline(Pipeline):
     """Answer one or several questions about a long context whose KV cache is compressed by a press.
 
@@ -109,7 +117,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         compress_questions (bool): compress the question together with the context (query-aware); each question
             then needs its own prefill.
         return_cache_stats (bool): also return ``cache_stats`` (bytes of the full context cache, bytes after
-            compression, kept fraction).
+            compression, kept fraction, and the ratio applied: for ``ratio="auto"`` presses, the one chosen).
 
     Returns:
         ``{"answer": str}`` for one ``question``, ``{"answers": [str, ...]}`` for ``questions``; plus
@@ -159,7 +167,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
                     cache = self._prefill(prefill)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
-                                      "context_tokens": prefill.shape[1]}
+                                      "context_tokens": prefill.shape[1], "ratio": _applied_ratio(press)}
                 answers.append(answer_on_cache(self.model, cache, prefill, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
 

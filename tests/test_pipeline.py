@@ -374,3 +374,22 @@ def test_pipeline_with_a_decoding_press_answers_one_question():
     expected = reference_generate(model, tok, QUESTIONS[0], make_press)
     out = pipe(CONTEXT, question=QUESTIONS[0], press=make_press(), max_new_tokens=MAX_NEW)
     assert out["answer"] == text(tok, expected)
+
+
+def test_calibrated_press_in_the_pipeline_reports_its_chosen_ratio(tmp_path):
+    import json
+
+    from kvpress_like.calibration import FORMAT, model_fingerprint
+
+    model, tok, pipe = model_of("llama"), tokenizer(), pipe_of("llama")
+    params = tmp_path / "cal.json"
+    params.write_text(json.dumps({"format": FORMAT, "model": {"weights_sha256": model_fingerprint(model)},
+                                  "presses": {"compactor": {"alpha": -0.5, "beta": 0.5}}}))
+    p = CompactorPress(ratio="auto", quality=0.8, params=str(params))
+    out = pipe(CONTEXT, question=QUESTIONS[0], press=p, max_new_tokens=2, return_cache_stats=True)
+    stats = out["cache_stats"]
+    assert 0 < stats["ratio"] == p.last_ratio < 1
+    fixed = prefill(model, CompactorPress(ratio=p.last_ratio), encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
+    assert stats["kept_fraction"] == pytest.approx(kept_fraction(fixed))
+    assert pipe(CONTEXT, question=QUESTIONS[0], press=KnormPress(ratio=0.25), max_new_tokens=1,
+                return_cache_stats=True)["cache_stats"]["ratio"] == 0.25
