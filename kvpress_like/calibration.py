@@ -62,7 +62,7 @@ def retention_for(quality: float, b: float) -> float:
     """The smallest retention ``r`` with ``quality_curve(r, b) >= quality``: ``log(1 + tau (e^b - 1)) / b``."""
     if abs(b) < 1e-6:
         return quality
-    return math.log1p(quality * math.expm1(b)) / b
+    return min(1.0, max(0.0, math.log1p(quality * math.expm1(b)) / b))  # clipped: rounding near tau = 1
 
 
 def _check_quality(quality) -> float:
