@@ -100,3 +100,17 @@ def test_cli_run_main_job_on_default_model(smollm, monkeypatch, capsys):
     assert result["bytes_after"] < result["bytes_before"]
     assert result["kept_fraction"] == pytest.approx(0.75, abs=0.01)
     assert result["compressed_layers"] == 30
+
+
+def test_needle_survives_chunked_prefill_with_compactor(smollm, sample):
+    """Query-agnostic: the context alone is prefilled in 256-token chunks at ratio 0.5, then the question."""
+    from kvpress_like import CompactorPress, chunked_prefill
+    from kvpress_like.pipeline import answer_on_cache, encode_prompt
+
+    model, tokenizer = smollm
+    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question)
+    cache = chunked_prefill(model, CompactorPress(ratio=0.5), context_ids, chunk_size=256)
+    n = context_ids.shape[1]
+    assert all(layer.keys.shape[2] == n - n // 2 for layer in cache.layers)
+    answer = answer_on_cache(model, cache, context_ids, suffix_ids, max_new_tokens=16)
+    assert ANSWER in tokenizer.decode(answer, skip_special_tokens=True)
