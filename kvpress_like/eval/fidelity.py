@@ -75,8 +75,9 @@ def copy_sample(tokenizer, length: int, depth: float = 0.5, span_tokens: int = 3
     first = min(int(depth * len(offsets)), len(offsets) - span_tokens - LEAD_TOKENS - 1)
     while first > 0 and not context[offsets[first][0] - 1].isspace():  # start the passage at a word
         first -= 1
-    lead = context[offsets[first][0]:offsets[first + LEAD_TOKENS][0]].strip()
-    target = context[offsets[first + LEAD_TOKENS][0]:offsets[first + LEAD_TOKENS + span_tokens][0]].rstrip()
+    split = offsets[first + LEAD_TOKENS - 1][1]  # the lead ends with its last token; the target takes what follows
+    lead = context[offsets[first][0]:split]
+    target = context[split:offsets[first + LEAD_TOKENS + span_tokens - 1][1]]
     prompt = f"\n\nRepeat, word for word, the passage of the text above that begins with \"{lead}\":\n\n{lead}"
     return CopySample(context=context, prompt=prompt, target=target, depth=first / len(offsets),
                       n_tokens=len(offsets))

@@ -136,9 +136,10 @@ def _qa_data(dataset: str) -> tuple[list[tuple[str, tuple[str, ...], tuple[int, 
                     if answers and not qa.get("is_impossible", False):
                         questions.append((qa["question"], answers, (gold,)))
     else:
-        for item in raw:
-            gold = tuple(doc_id(f"{title}\n{''.join(sentences)}") for title, sentences in item["context"])
-            questions.append((item["question"], (item["answer"],), gold))
+        for item in raw:  # gold: the paragraphs holding supporting facts; the others join the distractor pool
+            supporting = {title for title, _ in item["supporting_facts"]}
+            ids = {title: doc_id(f"{title}\n{''.join(sentences)}") for title, sentences in item["context"]}
+            questions.append((item["question"], (item["answer"],), tuple(ids[t] for t in ids if t in supporting)))
     return questions, documents
 
 
@@ -351,9 +352,15 @@ def generate_samples(task: str, tokenizer, length: int, n: int, seed: int = 0) -
         raise ValueError(f"length must be a positive int (tokens); got {length!r}")
     samples = []
     for index in range(n):
-        rng = random.Random(f"{task}:{seed}:{index}")
-        (build, (low, start, limit)), metric, max_new_tokens = _builder(task, rng, length)
-        _, (context, question, answer_prefix, answers) = _fill(tokenizer, build, length, low, start, limit)
+        for attempt in range(10):  # a QA question whose gold documents alone overflow `length` is redrawn
+            rng = random.Random(f"{task}:{seed}:{index}" + (f":{attempt}" if attempt else ""))
+            (build, (low, start, limit)), metric, max_new_tokens = _builder(task, rng, length)
+            try:
+                _, (context, question, answer_prefix, answers) = _fill(tokenizer, build, length, low, start, limit)
+                break
+            except ValueError:
+                if attempt == 9:
+                    raise
         samples.append(TaskSample(
             task=task, index=index, context=context, question=question, answer_prefix=answer_prefix,
             answers=tuple(answers), metric=metric, max_new_tokens=max_new_tokens,
