@@ -64,8 +64,7 @@ def test_eval_writes_results_resumes_and_plots(model_dir, tmp_path, capsys, monk
     def fail(*args, **kwargs):
         raise AssertionError("a finished cell was evaluated again")
 
-    monkeypatch.setattr(runner, "evaluate_task_sample", fail)
-    monkeypatch.setattr(runner, "evaluate_fidelity_sample", fail)
+    monkeypatch.setattr(runner.SharedPrefill, "evaluate", fail)
     assert run_cli(model_dir, output) == 0
     assert (output / runner.RESULTS_FILE).read_text().splitlines() == lines
 
@@ -73,8 +72,13 @@ def test_eval_writes_results_resumes_and_plots(model_dir, tmp_path, capsys, monk
     monkeypatch.undo()
     assert run_cli(model_dir, output, "--seed", "0") == 0
     calls = []
-    original = runner.evaluate_task_sample
-    monkeypatch.setattr(runner, "evaluate_task_sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = runner.SharedPrefill.evaluate
+
+    def count(self, tokenizer, task, sample, pending, *args):
+        calls.extend(pending)
+        return original(self, tokenizer, task, sample, pending, *args)
+
+    monkeypatch.setattr(runner.SharedPrefill, "evaluate", count)
     assert cli.main(["eval", "--model", str(model_dir), "--presses", "knorm", "--ratios", "0.5", "0.25",
                      "--tasks", "niah_single_1", "--length", "256", "--samples", "2", "--max-new-tokens", "4",
                      "--output", str(output), "--no-progress"]) == 0
@@ -131,3 +135,34 @@ def test_bad_grids_fail_before_loading_a_model(args, message, tmp_path, capsys):
     code = cli.main(["eval", "--model", str(tmp_path / "no_model_here"), "--output", str(tmp_path / "o"), *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["query_agnostic", "query_aware"])
+def test_shared_prefill_gives_the_same_cells_as_one_prefill_per_cell(model_dir, tmp_path, mode):
+    """Cells computed from one recorded prefill equal cells computed with their own prefill under the press."""
+    from kvpress_like import create_press
+    from kvpress_like.eval.fidelity import fidelity
+    from kvpress_like.eval.model import load_model
+    from kvpress_like.eval.tasks import generate_samples
+
+    model, tokenizer = load_model(str(model_dir))
+    presses = ["knorm", "snapkv:window=4", "compactor:allocator=head_adaptive", "chunkkv"]
+    records = runner.run_eval(model, tokenizer, presses=presses, ratios=[0.5, 0.8], tasks=["niah_single_2", "fidelity"],
+                              lengths=[300], samples=1, max_new_tokens=3, progress=False, mode=mode,
+                              output_dir=tmp_path)
+    sample = generate_samples("niah_single_2", tokenizer, 300, 1)[0]
+    copy = runner._samples("fidelity", tokenizer, 300, 1, 0)[0]
+    assert len(records) == (1 + 4 * 2) * 2
+    for record in records:
+        spec = runner.PressSpec.parse(record["press"]) if record["press"] != "full" else None
+        p = spec.create(record["ratio"]) if spec is not None else None
+        if record["task"] == "fidelity":
+            if p is not None and mode == "query_agnostic":
+                own = fidelity(model, tokenizer, p, copy)
+                assert record["kl"] == pytest.approx(own.kl, rel=1e-4, abs=1e-6)
+                assert record["nll_press"] == pytest.approx(own.nll_press, rel=1e-4)
+            continue
+        own = runner.evaluate_task_sample(model, tokenizer, p, sample, mode, 3)
+        assert record["prediction"] == own["prediction"], record["press"]
+        assert record["kept_fraction"] == pytest.approx(own["kept_fraction"])
+        assert record["context_tokens"] == own["context_tokens"]

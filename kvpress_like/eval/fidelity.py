@@ -105,25 +105,37 @@ def _continuation_logits(model, p: Press | None, context_ids, follow_ids):
     return logits, kept
 
 
-def fidelity_ids(model, p: Press, context_ids: torch.Tensor, prompt_ids: torch.Tensor,
-                 target_ids: torch.Tensor) -> FidelityResult:
-    """Fidelity of press ``p`` on token ids (each ``[1, n]``): the context is compressed, prompt and target are not."""
-    device = next(model.parameters()).device
-    context_ids, prompt_ids, target_ids = (t.to(device) for t in (context_ids, prompt_ids, target_ids))
-    follow = torch.cat([prompt_ids, target_ids], dim=1)
-    predicting = slice(prompt_ids.shape[1] - 1, follow.shape[1] - 1)  # positions whose next token is a target token
-    full, _ = _continuation_logits(model, None, context_ids, follow)
-    pressed, kept = _continuation_logits(model, p, context_ids, follow)
+def compare(full: torch.Tensor, pressed: torch.Tensor, n_prompt: int, target_ids: torch.Tensor,
+            kept: float) -> FidelityResult:
+    """Fidelity from the logits ``[q + t, V]`` over prompt and target (teacher-forced) with the full and the compressed
+    cache; ``target_ids`` is ``[1, t]`` and the prompt has ``n_prompt = q`` tokens."""
+    predicting = slice(n_prompt - 1, n_prompt - 1 + target_ids.shape[1])  # positions predicting a target token
     full, pressed = full[predicting], pressed[predicting]
     return FidelityResult(nll_full=float(token_nll(full, target_ids[0]).mean()),
                           nll_press=float(token_nll(pressed, target_ids[0]).mean()),
                           kl=float(kl_divergence(full, pressed).mean()), kept_fraction=kept)
 
 
-def fidelity(model, tokenizer, p: Press, sample: CopySample) -> FidelityResult:
-    """:func:`fidelity_ids` on a :class:`CopySample` tokenized with ``tokenizer`` (the context with the tokenizer's
-    special tokens, prompt and target without)."""
+def encode(tokenizer, sample: CopySample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(context_ids, prompt_ids, target_ids)``, each ``[1, n]``: the context with the tokenizer's special tokens,
+    prompt and target without."""
     def ids(text: str, special: bool) -> torch.Tensor:
         return torch.tensor([tokenizer(text, add_special_tokens=special)["input_ids"]])
 
-    return fidelity_ids(model, p, ids(sample.context, True), ids(sample.prompt, False), ids(sample.target, False))
+    return ids(sample.context, True), ids(sample.prompt, False), ids(sample.target, False)
+
+
+def fidelity_ids(model, p: Press, context_ids: torch.Tensor, prompt_ids: torch.Tensor,
+                 target_ids: torch.Tensor) -> FidelityResult:
+    """Fidelity of press ``p`` on token ids (each ``[1, n]``): the context is compressed, prompt and target are not."""
+    device = next(model.parameters()).device
+    context_ids, prompt_ids, target_ids = (t.to(device) for t in (context_ids, prompt_ids, target_ids))
+    follow = torch.cat([prompt_ids, target_ids], dim=1)
+    full, _ = _continuation_logits(model, None, context_ids, follow)
+    pressed, kept = _continuation_logits(model, p, context_ids, follow)
+    return compare(full, pressed, prompt_ids.shape[1], target_ids, kept)
+
+
+def fidelity(model, tokenizer, p: Press, sample: CopySample) -> FidelityResult:
+    """:func:`fidelity_ids` on a :class:`CopySample` tokenized with ``tokenizer`` (see :func:`encode`)."""
+    return fidelity_ids(model, p, *encode(tokenizer, sample))

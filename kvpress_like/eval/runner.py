@@ -98,11 +98,7 @@ def evaluate_task_sample(model, tokenizer, p: Press | None, sample, mode: str, m
     """
     from .metrics import score
 
-    device = next(model.parameters()).device
-    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
-    if mode == "query_aware":  # the question joins the compressed part; only the last prompt token follows
-        context_ids, suffix_ids = torch.cat([context_ids, suffix_ids[:, :-1]], dim=1), suffix_ids[:, -1:]
-    context_ids, suffix_ids = context_ids.to(device), suffix_ids.to(device)
+    context_ids, suffix_ids = _prompt_ids(tokenizer, sample, mode, next(model.parameters()).device)
     budget = max_new_tokens or sample.max_new_tokens
     with torch.no_grad(), press_context(model, p) if p is not None else nullcontext():
         cache = prefill(model, context_ids)
@@ -122,6 +118,107 @@ def evaluate_fidelity_sample(model, tokenizer, p: Press | None, sample) -> dict:
     result = fidelity(model, tokenizer, p, sample)
     return {"score": None, "nll_full": result.nll_full, "nll_press": result.nll_press, "kl": result.kl,
             "kept_fraction": result.kept_fraction}
+
+
+class SharedPrefill:
+    """Evaluates every pending cell of one sample from a single prefill where it can.
+
+    A prefill does not depend on the ratio (layers are compressed after their own attention), so one prefill of the
+    sample's compressed part records every press's scores in every layer (see
+    :class:`kvpress_like.calibration.CalibratedPress`), then each (press, ratio) cell compresses a copy of the full
+    cache from those scores: the same kept entries as its own prefill, at a fraction of the cost. Presses that select
+    by themselves (ChunkKV) get their own prefill per cell.
+    """
+
+    def __init__(self, model, specs: list[PressSpec]):
+        from ..calibration import CalibratedPress, _ScoreRecorder
+
+        self.model = model
+        presses = {}
+        for spec in specs:
+            p = spec.create(0.0)
+            try:
+                CalibratedPress(scorer=p)
+            except (TypeError, ValueError):
+                continue
+            presses[spec.label] = p
+        self.recorder = None
+        if presses:
+            self.recorder = _ScoreRecorder(scorer=next(iter(presses.values())))
+            self.recorder.scorers = presses
+
+    def _cache(self, full, label: str, ratio: float):
+        import copy
+
+        cache = copy.deepcopy(full)
+        if label != FULL and ratio > 0:
+            self.recorder.compress_at(label, cache, ratio)
+        return cache
+
+    def evaluate(self, tokenizer, task: str, sample, pending, mode: str, max_new_tokens: int | None):
+        """``[((label, ratio), (result, seconds)), ...]`` for the ``pending`` ``(label, ratio, spec)`` cells."""
+        shared = [c for c in pending if self.recorder is not None and (c[0] == FULL or c[0] in self.recorder.scorers)]
+        out = []
+        for label, ratio, spec in pending:
+            if (label, ratio, spec) in shared:
+                continue
+            start = time.perf_counter()
+            p = spec.create(ratio) if ratio > 0 else None
+            if task == FIDELITY:
+                result = evaluate_fidelity_sample(self.model, tokenizer, p, sample)
+            else:
+                result = evaluate_task_sample(self.model, tokenizer, p, sample, mode, max_new_tokens)
+            out.append(((label, ratio), (result, time.perf_counter() - start)))
+        if shared:
+            out += self._evaluate_shared(tokenizer, task, sample, shared, mode, max_new_tokens)
+        return out
+
+    def _evaluate_shared(self, tokenizer, task, sample, cells, mode, max_new_tokens):
+        from .fidelity import compare, encode
+        from .metrics import score
+
+        model, out = self.model, []
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        if task == FIDELITY:
+            context_ids, prompt_ids, target_ids = (t.to(device) for t in encode(tokenizer, sample))
+            follow = torch.cat([prompt_ids, target_ids], dim=1)
+        else:
+            context_ids, suffix_ids = _prompt_ids(tokenizer, sample, mode, device)
+        with torch.no_grad(), press_context(model, self.recorder):
+            full = prefill(model, context_ids)
+            if task == FIDELITY:
+                full_logits = model(input_ids=follow, **{CACHE_KWARG: self._cache(full, FULL, 0.0)}).logits[0]
+            shared_seconds = (time.perf_counter() - start) / len(cells)  # the prefill's cost, split over the cells
+            for label, ratio, _ in cells:
+                start = time.perf_counter()
+                cache = self._cache(full, label, ratio)
+                kept = kept_fraction(cache)
+                if task == FIDELITY:
+                    if label == FULL:
+                        result = {"score": None, "nll_full": None, "nll_press": None, "kl": 0.0, "kept_fraction": 1.0}
+                    else:
+                        logits = model(input_ids=follow, **{CACHE_KWARG: cache}).logits[0]
+                        fid = compare(full_logits, logits, prompt_ids.shape[1], target_ids, kept)
+                        result = {"score": None, "nll_full": fid.nll_full, "nll_press": fid.nll_press, "kl": fid.kl,
+                                  "kept_fraction": kept}
+                else:
+                    budget = max_new_tokens or sample.max_new_tokens
+                    answer_ids = answer_on_cache(model, cache, context_ids, suffix_ids, budget)
+                    prediction = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+                    result = {"score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
+                              "answers": list(sample.answers), "kept_fraction": kept,
+                              "context_tokens": context_ids.shape[1]}
+                out.append(((label, ratio), (result, time.perf_counter() - start + shared_seconds)))
+        return out
+
+
+def _prompt_ids(tokenizer, sample, mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(compressed part, rest)`` of a task sample's prompt, each ``[1, n]``."""
+    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    if mode == "query_aware":  # the question joins the compressed part; only the last prompt token follows
+        context_ids, suffix_ids = torch.cat([context_ids, suffix_ids[:, :-1]], dim=1), suffix_ids[:, -1:]
+    return context_ids.to(device), suffix_ids.to(device)
 
 
 def _check_grid(presses, ratios, tasks, lengths, samples, mode) -> list[PressSpec]:
@@ -203,6 +300,7 @@ def run_eval(
     path = output / RESULTS_FILE
     done = load_results(path)
     configs = [(FULL, 0.0, None)] + [(s.label, r, s) for s in specs for r in ratios]
+    shared = SharedPrefill(model, specs)
     total = len(lengths) * len(tasks) * samples * len(configs)
     bar = _progress_bar(total, progress)
     records = []
@@ -212,25 +310,23 @@ def run_eval(
                 for task in tasks:
                     task_samples = None
                     for index in range(samples):
-                        for label, ratio, spec in configs:
-                            key = cell_key(model_name, label, ratio, task, length, mode, index, seed)
-                            if key in done:
-                                records.append(done[key])
+                        keys = {c[:2]: cell_key(model_name, *c[:2], task, length, mode, index, seed) for c in configs}
+                        for label, ratio, _ in configs:
+                            if keys[label, ratio] in done:
+                                records.append(done[keys[label, ratio]])
                                 bar.update(1)
-                                continue
-                            if task_samples is None:  # generated only when a cell of this task needs running
-                                task_samples = _samples(task, tokenizer, length, samples, seed)
-                            bar.set_postfix_str(f"{label} r={ratio:g} {task} {length}", refresh=False)
-                            p = spec.create(ratio) if spec is not None and ratio > 0 else None
-                            start = time.perf_counter()
-                            if task == FIDELITY:
-                                result = evaluate_fidelity_sample(model, tokenizer, p, task_samples[index])
-                            else:
-                                result = evaluate_task_sample(model, tokenizer, p, task_samples[index], mode,
-                                                              max_new_tokens)
+                        pending = [c for c in configs if keys[c[:2]] not in done]
+                        if not pending:
+                            continue
+                        if task_samples is None:  # generated only when a cell of this task needs running
+                            task_samples = _samples(task, tokenizer, length, samples, seed)
+                        bar.set_postfix_str(f"{task} {length} #{index}", refresh=False)
+                        cells = shared.evaluate(tokenizer, task, task_samples[index], pending, mode, max_new_tokens)
+                        for (label, ratio), (result, seconds) in cells:
+                            key = keys[label, ratio]
                             record = {"key": key, "model": model_name, "press": label, "ratio": ratio, "task": task,
                                       "length": length, "mode": mode, "index": index, "seed": seed, **result,
-                                      "seconds": round(time.perf_counter() - start, 3)}
+                                      "seconds": round(seconds, 3)}
                             sink.write(json.dumps(record) + "\n")
                             sink.flush()
                             done[key] = record
