@@ -140,7 +140,6 @@ def test_bad_grids_fail_before_loading_a_model(args, message, tmp_path, capsys):
 @pytest.mark.parametrize("mode", ["query_agnostic", "query_aware"])
 def test_shared_prefill_gives_the_same_cells_as_one_prefill_per_cell(model_dir, tmp_path, mode):
     """Cells computed from one recorded prefill equal cells computed with their own prefill under the press."""
-    from kvpress_like import create_press
     from kvpress_like.eval.fidelity import fidelity
     from kvpress_like.eval.model import load_model
     from kvpress_like.eval.tasks import generate_samples
