@@ -12,7 +12,7 @@ Then ChunkKV with ``reuse_group=1`` vs ``reuse_group=4`` (prefill-time ratio and
 
 Usage::
 
-    python benchmarks/scoring_overhead.py                                  # all presses, 4096 and 16384 tokens
+    python benchmarks/scoring_overhead.py                                  # all presses, 2048, 8192 and 16384 tokens
     python benchmarks/scoring_overhead.py --lengths 4096
     python benchmarks/scoring_overhead.py --lengths 16384 --presses compactor snapkv knorm
 
@@ -134,7 +134,7 @@ def machine_line() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="context lengths (tokens)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="context lengths (tokens)")
     parser.add_argument("--presses", nargs="+", default=None, help="press names (default: every registered press)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the KV pairs removed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
