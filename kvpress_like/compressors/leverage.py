@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import use_triton
 from ..press import LayerContext, Press
 
 
@@ -51,6 +52,10 @@ def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     gram = gram + (1e-4 * trace / k + 1e-6) * torch.eye(k, device=gram.device)
     chol = torch.linalg.cholesky(gram)
+    if use_triton(centred):
+        from ..kernels.leverage_triton import quadratic_form
+
+        return quadratic_form(centred, chol)
     solved = torch.cholesky_solve(centred.transpose(-1, -2), chol)  # [B, H, k, S] = G^-1 K_hat^T
     return (centred * solved.transpose(-1, -2)).sum(-1).clamp(min=0.0)
 

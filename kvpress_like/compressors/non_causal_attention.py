@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import use_triton
 from ..press import LayerContext, Press
 from .snapkv import pool
 
@@ -63,8 +64,22 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
     queries = F.pad(queries.float(), (0, 0, 0, extra)).view(b, h_kv, g, n_chunks, chunk_size, d)
     keys = F.pad(keys.float(), (0, 0, 0, extra)).view(b, h_kv, n_chunks, chunk_size, d)
     valid = F.pad(valid, (0, extra)).view(b, 1, n_chunks, chunk_size)
+    if use_triton(keys):
+        from ..kernels.non_causal_triton import chunk_column_sums
+
+        out = chunk_column_sums(queries, keys, valid, scale)
+    else:
+        out = _chunk_column_sums(queries, keys, valid, scale, masked)
+    out = out.view(b, h_kv, -1)[..., :s]
+    return roll_rows(out, -pad, 2) if padded else out
+
+
+def _chunk_column_sums(queries, keys, valid, scale: float, masked: bool) -> torch.Tensor:
+    """PyTorch path of the column sums: ``queries`` ``[B, H_kv, G, n, C, D]``, ``keys`` ``[B, H_kv, n, C, D]``,
+    ``valid`` ``[B, 1, n, C]``; returns ``[B, H_kv, n, C]`` averaged over the ``G`` query heads."""
+    b, h_kv, g, n_chunks, chunk_size, _ = queries.shape
     out = torch.empty(b, h_kv, n_chunks, chunk_size, dtype=torch.float32, device=keys.device)
-    step = max(1, (1 << 24) // (h_q * chunk_size * chunk_size))  # chunks per batched matmul: bounded memory
+    step = max(1, (1 << 24) // (h_kv * g * chunk_size * chunk_size))  # chunks per batched matmul: bounded memory
     for first in range(0, n_chunks, step):
         part = slice(first, min(first + step, n_chunks))
         # [B, H_kv, G, c, C, C]: the key chunks broadcast over the G query heads of their KV head
@@ -76,8 +91,7 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         else:
             weights = torch.softmax(logits, dim=-1)
         out[:, :, part] = weights.sum(dim=-2).mean(dim=2)
-    out = out.view(b, h_kv, -1)[..., :s]
-    return roll_rows(out, -pad, 2) if padded else out
+    return out
 
 
 @dataclass
