@@ -1,69 +1,243 @@
-"""Attention of new queries over a per-head ragged KV cache (every KV head of every row keeps its own count).
+"""Attention of new query tokens over a per-head ragged KV cache (every KV head of every row keeps its own count).
 
-Each (batch row, KV head) is one variable-length sequence of keys; the ``G`` query heads of the group attend to it.
-With flash-attention installed and CUDA tensors, :func:`ragged_attention` calls its variable-length kernel
-(``flash_attn_varlen_func``, the sequences packed back to back, no padding); otherwise it gathers the sequences into a
-padded batch and runs masked ``scaled_dot_product_attention``. The model's own attention over a
-:class:`~kvpress_like.cache.RaggedLayer` currently goes through the padded view and a mask (``sdpa``/``eager``);
-this function is the building block for a variable-length path, tested against dense masked attention.
+The cache is laid out as :class:`kvpress_like.cache.RaggedLayer` stores it: the compressed context flat, head
+``(b, h)`` owning ``lengths[b, h]`` consecutive rows of ``flat_keys``/``flat_values`` (segments in ``(b, h)``
+row-major order), plus an optional dense tail ``[B, H_kv, T, D]`` of tokens appended afterwards to every head, with
+``tail_valid`` ``[B, T]`` marking padding among them. The key set of head ``(b, h)`` is its flat segment followed by
+its tail; the ``G = H_q / H_kv`` query heads of a group attend to it (query head ``h_kv * G + j``, as transformers'
+``repeat_kv``). With ``causal``, the ``q`` new tokens are the last ``q`` entries of every key set (they have already
+been appended to the cache) and token ``i`` sees the entries up to its own (bottom-right alignment).
+
+Two paths, same result:
+
+* flash-attention installed, CUDA fp16/bf16 tensors: ``flash_attn_varlen_func`` with each ``(b, h_kv)`` one
+  variable-length sequence (its real entries packed back to back, tail padding left out), the group's query heads as
+  heads, queries of padding tokens left out;
+* otherwise PyTorch: the key sets gathered into a padded ``[B, H_kv, L_max + T, D]`` batch and one masked
+  ``scaled_dot_product_attention`` with the group's query heads stacked along the query axis (keys never repeated).
+
+Outputs at padding query tokens (whose own entry is tail padding) are 0. This module mirrors no scorer: it is the
+building block for attending over a :class:`~kvpress_like.cache.RaggedLayer` without its padded view.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def flash_varlen_available(tensor: torch.Tensor) -> bool:
-    """flash-attention is importable and ``tensor`` is on CUDA."""
-    return tensor.is_cuda and importlib.util.find_spec("flash_attn") is not None
+_FLASH_VARLEN: Callable | None | bool = False  # False = not looked up yet
 
 
-def ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, causal: bool = True) -> torch.Tensor:
-    """Attention of ``q`` new tokens over variable-length key sets.
+def _flash_varlen() -> Callable | None:
+    """flash-attention's ``flash_attn_varlen_func``, or ``None`` when it cannot be imported (looked up once)."""
+    global _FLASH_VARLEN
+    if _FLASH_VARLEN is False:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except Exception:  # not installed, or built for another torch/CUDA
+            _FLASH_VARLEN = None
+        else:
+            _FLASH_VARLEN = flash_attn_varlen_func
+    return _FLASH_VARLEN
+
+
+def flash_attn_available() -> bool:
+    """Whether flash-attention's variable-length kernel can be imported."""
+    return _flash_varlen() is not None
+
+
+class _Sets:
+    """Geometry of the key sets: per ``(b, h_kv)`` segment lengths, tail, the new tokens' own slots.
+
+    Attributes:
+        b, h_kv, g, q, t: batch, KV heads, group size, new tokens, tail length.
+        lengths: ``[B, H_kv]`` long, flat entries per head.
+        tail_valid: ``[B, T]`` bool.
+        query_valid: ``[B, q]`` bool, whether each new token's own entry is real (always True without ``causal``).
+    """
+
+    def __init__(self, query, flat_keys, flat_values, lengths, tail_keys, tail_values, tail_valid, causal):
+        if query.ndim != 4:
+            raise ValueError(f"query must be [B, H_q, q, D]; got shape {tuple(query.shape)}")
+        self.b, h_q, self.q, d = query.shape
+        if lengths.ndim != 2 or lengths.shape[0] != self.b or lengths.shape[1] == 0 or h_q % lengths.shape[1]:
+            raise ValueError(f"ragged_attention: inconsistent shapes: lengths must be [B, H_kv] with H_q a multiple of "
+                             f"H_kv; got query {tuple(query.shape)}, lengths {tuple(lengths.shape)}")
+        self.h_kv = lengths.shape[1]
+        self.g = h_q // self.h_kv
+        if (flat_keys.ndim != 2 or flat_values.ndim != 2 or flat_keys.shape[0] != flat_values.shape[0]
+                or flat_keys.shape[1] != d or flat_keys.shape[0] != int(lengths.sum())):
+            raise ValueError(f"ragged_attention: inconsistent shapes: flat keys/values must be [sum(lengths), D]; got "
+                             f"{tuple(flat_keys.shape)}, {tuple(flat_values.shape)} for sum(lengths) = "
+                             f"{int(lengths.sum())}, D = {d}")
+        if (tail_keys is None) != (tail_values is None):
+            raise ValueError("ragged_attention: pass both tail_keys and tail_values, or neither")
+        device = flat_keys.device
+        self.t = 0 if tail_keys is None else tail_keys.shape[2]
+        if tail_keys is not None and (tail_keys.shape[:2] != (self.b, self.h_kv) or tail_keys.shape[3] != d
+                                      or tail_values.shape[:3] != tail_keys.shape[:3]
+                                      or tail_values.shape[3] != flat_values.shape[1]):
+            raise ValueError(f"ragged_attention: inconsistent shapes: tail keys/values must be [B, H_kv, T, D]; got "
+                             f"{tuple(tail_keys.shape)}, {tuple(tail_values.shape)}")
+        if tail_valid is None:
+            tail_valid = torch.ones(self.b, self.t, dtype=torch.bool, device=device)
+        elif tail_valid.shape != (self.b, self.t):
+            raise ValueError(f"ragged_attention: tail_valid must be [B, T] = {(self.b, self.t)}; got "
+                             f"{tuple(tail_valid.shape)}")
+        self.lengths = lengths.to(device=device, dtype=torch.long)
+        self.tail_valid = tail_valid.to(device=device, dtype=torch.bool)
+        self.causal = causal
+        if causal and self.q > self.t and bool((self.lengths < self.q - self.t).any()):
+            raise ValueError(f"ragged_attention: inconsistent shapes: with causal=True every key set must hold the "
+                             f"{self.q} new tokens (flat length + tail >= q); pass causal=False for queries that are "
+                             f"not in the cache")
+        if causal and self.q > 0:  # own slot of new token i: tail position t - q + i (flat entries, if < 0, are real)
+            own = torch.arange(self.t - self.q, self.t, device=device)
+            padding = self.tail_valid[:, own.clamp(min=0)] if self.t else torch.ones_like(own, dtype=torch.bool)
+            self.query_valid = torch.where(own[None, :] >= 0, padding, True).expand(self.b, self.q)
+        else:
+            self.query_valid = torch.ones(self.b, self.q, dtype=torch.bool, device=device)
+
+
+def ragged_attention(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None, causal: bool = True, *, tail_keys: torch.Tensor | None = None,
+                     tail_values: torch.Tensor | None = None, tail_valid: torch.Tensor | None = None,
+                     use_flash: bool | None = None) -> torch.Tensor:
+    """Attention of ``q`` new tokens over per-head ragged key sets (flat segments plus an optional dense tail).
+
+    Args:
+        query: ``[B, H_q, q, D]``; ``H_q`` a multiple of ``H_kv``.
+        flat_keys: ``[N, D]`` the flat segments back to back in ``(b, h_kv)`` row-major order, ``N = lengths.sum()``.
+        flat_values: ``[N, D_v]`` the matching values.
+        lengths: ``[B, H_kv]`` long, entries of each flat segment.
+        scale: logit scale (default ``D ** -0.5``).
+        causal: the new tokens are the last ``q`` entries of every key set and token ``i`` sees the entries up to its
+            own; else every new token sees every real entry.
+        tail_keys: ``[B, H_kv, T, D]`` entries appended after the flat segments (the same positions for every head).
+        tail_values: ``[B, H_kv, T, D_v]``.
+        tail_valid: ``[B, T]`` bool, False on padding among the tail entries (default all real).
+        use_flash: ``None`` = flash-attention when it applies (installed, CUDA, fp16/bf16, ``D <= 256``), ``False`` =
+            PyTorch always, ``True`` = flash-attention or an error.
+
+    Returns:
+        ``[B, H_q, q, D_v]`` in ``query``'s dtype; 0 at new tokens that are padding (their own tail entry is padding).
+
+    Raises:
+        ValueError: shapes that do not fit together, or ``causal`` with key sets shorter than the new tokens.
+        RuntimeError: ``use_flash=True`` where flash-attention does not apply.
+    """
+    sets = _Sets(query, flat_keys, flat_values, lengths, tail_keys, tail_values, tail_valid, causal)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    flash = _flash_varlen()
+    applies = (flash is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+               and query.shape[-1] <= 256 and flat_values.shape[-1] == query.shape[-1]
+               and all(x is None or x.dtype == query.dtype for x in (flat_keys, flat_values, tail_keys, tail_values)))
+    if use_flash and not applies:
+        raise RuntimeError("use_flash=True needs flash-attention installed, CUDA tensors, one fp16/bf16 dtype for "
+                           "queries, keys and values, head dim <= 256 and equal key and value head dims")
+    if applies and use_flash is not False:
+        return _varlen_path(flash, query, flat_keys, flat_values, tail_keys, tail_values, sets, scale)
+    return _torch_path(query, flat_keys, flat_values, tail_keys, tail_values, sets, scale)
+
+
+def ragged_layer_attention(query: torch.Tensor, layer, scale: float | None = None) -> torch.Tensor:
+    """:func:`ragged_attention` over a :class:`~kvpress_like.cache.RaggedLayer` after its ``update`` (the new tokens
+    are the last ``q`` entries of its tail).
 
     Args:
         query: ``[B, H_q, q, D]``.
-        keys: ``[N, D]`` the key sets packed back to back, (row 0 head 0, row 0 head 1, ..., row 1 head 0, ...);
-            each set ends with the ``q`` new tokens' keys.
-        values: ``[N, D]`` the matching values.
-        lengths: ``[B, H_kv]`` long, keys per set (each ``>= q``); ``H_q`` must be a multiple of ``H_kv``.
-        scale: logit scale.
-        causal: new token ``i`` sees the set's keys up to its own (bottom-right aligned); else every key.
+        layer: the ragged layer (``flat_keys``, ``flat_values``, ``lengths``, ``tail_keys``, ``tail_values``,
+            ``tail_valid`` are read, nothing is changed).
+        scale: logit scale (default ``D ** -0.5``).
 
     Returns:
         ``[B, H_q, q, D]`` in ``query``'s dtype.
     """
-    b, h_q, q, d = query.shape
-    h_kv = lengths.shape[1]
-    if h_q % h_kv or keys.shape != values.shape or keys.shape[0] != int(lengths.sum()) or bool((lengths < q).any()):
-        raise ValueError("ragged_attention: inconsistent shapes (query heads a multiple of KV heads, keys/values "
-                         "[sum(lengths), D], every set at least as long as the queries)")
-    g = h_q // h_kv
-    grouped = query.view(b, h_kv, g, q, d).reshape(b * h_kv, g, q, d)
-    flat_lengths = lengths.reshape(-1).to(torch.int32)
-    if flash_varlen_available(query):
-        from flash_attn import flash_attn_varlen_func
+    return ragged_attention(query, layer.flat_keys, layer.flat_values, layer.lengths, scale, True,
+                            tail_keys=layer.tail_keys, tail_values=layer.tail_values, tail_valid=layer.tail_valid)
 
-        cu_k = F.pad(flat_lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = torch.arange(0, (b * h_kv + 1) * q, q, dtype=torch.int32, device=query.device)
-        packed_q = grouped.permute(0, 2, 1, 3).reshape(b * h_kv * q, g, d)
-        out = flash_attn_varlen_func(packed_q, keys[:, None], values[:, None], cu_q, cu_k, q,
-                                     int(flat_lengths.max()), softmax_scale=scale, causal=causal)
-        return out.view(b * h_kv, q, g, d).permute(0, 2, 1, 3).reshape(b, h_q, q, d)
-    longest = int(flat_lengths.max())
-    starts = F.pad(flat_lengths.long().cumsum(0), (1, 0))[:-1]
-    slot = torch.arange(longest, device=keys.device)
-    present = slot[None, :] < flat_lengths[:, None]  # [B * H_kv, L]
-    index = (starts[:, None] + slot[None, :]).clamp(max=keys.shape[0] - 1)
-    padded_k, padded_v = keys[index], values[index]  # [B * H_kv, L, D]
-    mask = present[:, None, :].expand(-1, q, -1)
-    if causal:  # query i (0-based among the q new ones) sees keys up to position length - q + i
-        limit = flat_lengths[:, None] - q + torch.arange(q, device=keys.device)[None, :]  # [B * H_kv, q]
-        mask = mask & (slot[None, None, :] <= limit[..., None])
-    out = F.scaled_dot_product_attention(grouped, padded_k[:, None].to(query.dtype), padded_v[:, None].to(query.dtype),
-                                         attn_mask=mask[:, None], scale=scale)
-    return out.reshape(b, h_q, q, d)
+
+def _torch_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _Sets, scale: float) -> torch.Tensor:
+    """Padded gather of the key sets and one masked SDPA, the group's query heads stacked along the query axis."""
+    b, h_kv, g, q, t = sets.b, sets.h_kv, sets.g, sets.q, sets.t
+    device = flat_keys.device
+    lengths = sets.lengths
+    longest = int(lengths.max()) if lengths.numel() else 0
+    offsets = (lengths.flatten().cumsum(0) - lengths.flatten()).view(b, h_kv)
+    slot = torch.arange(longest, device=device)
+    present = slot < lengths[..., None]  # [B, H_kv, L]
+    index = (offsets[..., None] + slot).clamp(max=max(flat_keys.shape[0] - 1, 0))
+    dtype = query.dtype
+    if flat_keys.shape[0]:
+        keys, values = flat_keys[index].to(dtype), flat_values[index].to(dtype)  # [B, H_kv, L, D]
+    else:
+        keys = flat_keys.new_zeros(b, h_kv, longest, flat_keys.shape[1], dtype=dtype)
+        values = flat_values.new_zeros(b, h_kv, longest, flat_values.shape[1], dtype=dtype)
+    real = present
+    position = slot.expand(b, h_kv, longest)  # place of each slot in its key set
+    if t:
+        keys = torch.cat([keys, tail_keys.to(dtype)], dim=2)
+        values = torch.cat([values, tail_values.to(dtype)], dim=2)
+        real = torch.cat([present, sets.tail_valid[:, None, :].expand(b, h_kv, t)], dim=-1)
+        position = torch.cat([position, lengths[..., None] + torch.arange(t, device=device)], dim=-1)
+    mask = real[:, :, None, :]  # [B, H_kv, 1 or q, L + T]
+    if sets.causal and q:
+        own = lengths[..., None] + t - q + torch.arange(q, device=device)  # [B, H_kv, q]: each new token's place
+        mask = mask & (position[:, :, None, :] <= own[..., None])
+    mask = mask & sets.query_valid[:, None, :, None]
+    mask = mask | ~mask.any(-1, keepdim=True)  # no real entry visible (padding tokens): any finite row, zeroed below
+    if mask.shape[2] == 1:
+        stacked_mask = mask  # [B, H_kv, 1, L + T], the same for every stacked query
+    else:
+        stacked_mask = mask[:, :, None].expand(b, h_kv, g, q, mask.shape[-1]).reshape(b, h_kv, g * q, -1)
+    stacked = query.reshape(b, h_kv, g * q, query.shape[-1])  # query head h_kv * G + j is row block j
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=stacked_mask, scale=scale)
+    out = out.view(b, h_kv * g, q, -1)
+    seen = real[:, :, None, :].expand(b, h_kv, q, real.shape[-1]) if not sets.causal else None
+    zero = ~sets.query_valid[:, None, :]  # [B, 1, q]
+    if seen is not None:  # without causal: a key set with no real entry gives 0
+        zero = zero | ~seen.any(-1).repeat_interleave(g, dim=1)
+    return out.masked_fill(zero[..., None], 0.0)
+
+
+def _varlen_path(varlen_fn, query, flat_keys, flat_values, tail_keys, tail_values, sets: _Sets,
+                 scale: float) -> torch.Tensor:
+    """Each ``(b, h_kv)`` one sequence for ``varlen_fn`` (``flash_attn_varlen_func``'s signature and bottom-right
+    causal alignment): its flat segment then its real tail entries; queries of padding tokens left out."""
+    b, h_kv, g, q, t = sets.b, sets.h_kv, sets.g, sets.q, sets.t
+    d, d_v = query.shape[-1], flat_values.shape[-1]
+    device = query.device
+    lengths = sets.lengths.flatten()  # [B * H_kv], (b, h) row-major as the flat segments
+    tail_count = sets.tail_valid.sum(-1).repeat_interleave(h_kv)  # [B * H_kv] real tail entries per set
+    set_lengths = lengths + tail_count
+    cu_k = F.pad(set_lengths.cumsum(0), (1, 0))
+    # flat row r of set s goes to r + (real tail entries of the sets before s)
+    tail_before = cu_k[:-1] - (lengths.cumsum(0) - lengths)
+    owner = torch.repeat_interleave(torch.arange(b * h_kv, device=device), lengths)
+    total = int(cu_k[-1])
+    keys = flat_keys.new_empty(total, 1, d)
+    values = flat_values.new_empty(total, 1, d_v)
+    flat_dest = torch.arange(flat_keys.shape[0], device=device) + tail_before[owner]
+    keys[flat_dest, 0], values[flat_dest, 0] = flat_keys, flat_values
+    if t:
+        tail_mask = sets.tail_valid[:, None, :].expand(b, h_kv, t)  # [B, H_kv, T]
+        rank = (sets.tail_valid.long().cumsum(-1) - 1)[:, None, :].expand(b, h_kv, t)
+        start = (cu_k[:-1] + lengths).view(b, h_kv, 1)
+        tail_dest = (start + rank)[tail_mask]
+        keys[tail_dest, 0], values[tail_dest, 0] = tail_keys[tail_mask], tail_values[tail_mask]
+    # queries: [B, H_kv, q, G, D], the real new tokens of each set
+    grouped = query.view(b, h_kv, g, q, d).permute(0, 1, 3, 2, 4)
+    query_mask = sets.query_valid[:, None, :].expand(b, h_kv, q)
+    packed_q = grouped[query_mask]  # [total_q, G, D], (b, h, i) order
+    q_lengths = sets.query_valid.sum(-1).repeat_interleave(h_kv)
+    cu_q = F.pad(q_lengths.cumsum(0), (1, 0))
+    out = varlen_fn(packed_q.contiguous(), keys, values, cu_q.to(torch.int32), cu_k.to(torch.int32),
+                    int(q_lengths.max()) if q_lengths.numel() else 0,
+                    int(set_lengths.max()) if set_lengths.numel() else 0, softmax_scale=scale, causal=sets.causal)
+    full = out.new_zeros(b, h_kv, q, g, d_v)
+    full[query_mask] = out
+    if not sets.causal:  # a key set with no entry gives 0
+        full = full.masked_fill((set_lengths == 0).view(b, h_kv, 1, 1, 1), 0.0)
+    return full.permute(0, 1, 3, 2, 4).reshape(b, h_kv * g, q, d_v)
