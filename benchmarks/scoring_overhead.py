@@ -134,7 +134,8 @@ def machine_line() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="context lengths (tokens)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384],
+                        help="context lengths in tokens (default: 2048 8192 16384; e.g. --lengths 4096 for 4k only)")
     parser.add_argument("--presses", nargs="+", default=None, help="press names (default: every registered press)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the KV pairs removed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
