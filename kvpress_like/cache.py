@@ -211,6 +211,7 @@ class RaggedLayer(CacheLayerMixin):
         self.logical_length = int(logical_length)
         self.pending_valid: torch.Tensor | None = None
         self.keys, self.values = flat_keys, flat_values  # for code that checks `layer.keys`
+        self._index = self._present = None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # built already initialised
@@ -227,17 +228,19 @@ class RaggedLayer(CacheLayerMixin):
         return self.padded_length + self.tail_keys.shape[2]
 
     def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, H, L_max]`` row index into the flat tensors, and whether each slot holds an entry."""
-        offsets = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).view_as(self.lengths)
-        slots = torch.arange(self.padded_length, device=self.lengths.device)
-        present = slots < self.lengths[..., None]
-        index = (offsets[..., None] + slots).clamp(max=max(self.flat_keys.shape[0] - 1, 0))
-        return index, present
+        """``[B, H, L_max]`` row index into the flat tensors, and whether each slot holds an entry (computed once:
+        the compressed part does not change until :meth:`reset`)."""
+        if self._index is None:
+            offsets = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).view_as(self.lengths)
+            slots = torch.arange(self.padded_length, device=self.lengths.device)
+            self._present = slots < self.lengths[..., None]
+            self._index = (offsets[..., None] + slots).clamp(max=max(self.flat_keys.shape[0] - 1, 0))
+        return self._index, self._present
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index, present = self._gather_index()
-        keys = self.flat_keys[index] * present[..., None]
-        values = self.flat_values[index] * present[..., None]
+        """The padded view; empty slots repeat a real entry of the same tensor (finite), and are masked."""
+        index, _ = self._gather_index()
+        keys, values = self.flat_keys[index], self.flat_values[index]
         return torch.cat([keys, self.tail_keys], dim=2), torch.cat([values, self.tail_values], dim=2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -289,6 +292,7 @@ class RaggedLayer(CacheLayerMixin):
         self.flat_keys, self.flat_values = self.flat_keys[:0], self.flat_values[:0]
         self.keys, self.values = self.flat_keys, self.flat_values
         self.lengths = torch.zeros_like(self.lengths)
+        self._index = self._present = None
         self.tail_keys = self.flat_keys.new_zeros(b, h, 0, d)
         self.tail_values = self.flat_values.new_zeros(b, h, 0, d)
         self.tail_valid = self.tail_valid[:, :0]
