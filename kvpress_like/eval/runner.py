@@ -414,18 +414,18 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     has_kl = any(not math.isnan(r["kl"]) and r["press"] != FULL for r in rows)
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12 if has_kl else 7, 4.5), squeeze=False)
     lengths = sorted({r["length"] for r in rows})
-    for label in sorted({r["press"] for r in rows if r["press"] != FULL}):
+    markers = "os^vD<>pXh*"
+    for number, label in enumerate(sorted({r["press"] for r in rows if r["press"] != FULL})):
+        style = {"marker": markers[number % len(markers)], "linestyle": "-" if number < 10 else "--"}
         for length in lengths:
-            line = sorted((r for r in rows if r["press"] == label and r["length"] == length),
-                          key=lambda r: r["kept_fraction"])
-            full = [r for r in rows if r["press"] == FULL and r["length"] == length]
-            points = full + line
+            points = sorted((r for r in rows if r["press"] in (label, FULL) and r["length"] == length),
+                            key=lambda r: r["kept_fraction"])
             name = label if len(lengths) == 1 else f"{label} ({length})"
             for ax, metric, scale in ((axes[0][0], "score", 100),) + (((axes[0][1], "kl", 1),) if has_kl else ()):
                 xs = [p["kept_fraction"] for p in points if not math.isnan(p[metric])]
                 ys = [scale * p[metric] for p in points if not math.isnan(p[metric])]
                 if xs:
-                    ax.plot(xs, ys, marker="o", label=name)
+                    ax.plot(xs, ys, label=name, **style)
     axes[0][0].set(xlabel="kept fraction of the context's KV pairs", ylabel="score (%)",
                    title="task score vs kept fraction")
     if has_kl:
