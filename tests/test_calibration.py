@@ -228,3 +228,19 @@ def test_round_trip_through_a_dict(tmp_path):
     p = CompactorPress(ratio="auto", quality=0.9, params=write_params(tmp_path / "p.json", model), window=2)
     again = press_from_dict(json.loads(json.dumps(p.to_dict())))
     assert isinstance(again, CalibratedPress) and again.quality == 0.9 and again.scorer.window == 2
+
+
+def test_shipped_calibration_files_are_valid_and_cover_the_built_in_scorers():
+    from kvpress_like.calibration import SHIPPED_DIR
+
+    files = sorted(SHIPPED_DIR.glob("*.json"))
+    assert files, "the package ships parameters for the embedded default model"
+    for path in files:
+        data = load_calibration(path)
+        assert len(data["model"]["weights_sha256"]) == 64
+        assert {"compactor", "snapkv", "knorm", "leverage"} <= set(data["presses"])
+        for entry in data["presses"].values():
+            assert entry["points"] > 0
+            # predicted retention for a typical context NLL is a valid fraction, and grows with the quality asked
+            model = QualityModel(entry["alpha"], entry["beta"])
+            assert 0 <= model.retention(0.5, 2.5) <= model.retention(0.95, 2.5) <= 1

@@ -114,3 +114,21 @@ def test_needle_survives_chunked_prefill_with_compactor(smollm, sample):
     assert all(layer.keys.shape[2] == n - n // 2 for layer in cache.layers)
     answer = answer_on_cache(model, cache, context_ids, suffix_ids, max_new_tokens=16)
     assert ANSWER in tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def test_calibrated_compactor_on_the_default_model_uses_the_shipped_parameters(smollm, sample):
+    """`CompactorPress(ratio="auto")` finds the shipped parameters for the embedded model and keeps the needle."""
+    from kvpress_like import CompactorPress
+    from kvpress_like.pipeline import answer_on_cache, encode_prompt
+
+    model, tokenizer = smollm
+    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question)
+    p = CompactorPress(ratio="auto", quality=0.95)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kvpress_like.press(model, p):
+        model(context_ids, **{CACHE_KWARG: cache}, logits_to_keep=1)
+        answer = answer_on_cache(model, cache, context_ids, suffix_ids, max_new_tokens=16)
+    assert 0.0 <= p.last_ratio < 1.0 and p.last_context_nll > 0
+    n = context_ids.shape[1]
+    assert cache.layers[0].compressed_length == n - int(p.last_ratio * n + 1e-9)
+    assert ANSWER in tokenizer.decode(answer, skip_special_tokens=True)
