@@ -596,6 +596,54 @@ def test_non_causal_attention_matches_dense_chunks(chunk):
     torch.testing.assert_close(got.sum(-1), valid.sum(-1, keepdim=True).float().expand(b, 2), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_non_causal_attention_padding_anywhere_and_small_blocks(monkeypatch, block_bytes, chunk):
+    """Padding after real tokens (right padding, holes) is masked; one chunk per block gives the same scores."""
+    monkeypatch.setattr(non_causal_attention, "BLOCK_BYTES", block_bytes)
+    generator = torch.Generator().manual_seed(chunk)
+    b, s, d = 4, 37, 8
+    q = torch.randn(b, 6, s, d, generator=generator, requires_grad=True)  # grad-enabled inputs are fine
+    k = torch.randn(b, 2, s, d, generator=generator)
+    valid = make_valid(s, (0, 4, 0, 36))
+    valid[1, 30:] = False  # left and right padding
+    valid[2, 10:13] = False  # a hole inside the first chunks
+    valid[2, 20] = False
+    k = torch.where(valid[:, None, :, None], k, 30.0)
+    got = non_causal_attention.non_causal_attention_scores(q, k, valid, 0.4, chunk)
+    assert_scores_close(got, ref_non_causal(q.detach(), k, valid, 0.4, chunk), valid)
+    assert (got[~valid[:, None, :].expand_as(got)] == 0).all()
+    torch.testing.assert_close(got.sum(-1), valid.sum(-1, keepdim=True).float().expand(b, 2), rtol=1e-5, atol=1e-4)
+
+
+def test_scorers_same_scores_for_any_thread_count_and_mode():
+    """The CPU work is split over torch's thread count: same scores with 1 or 2 threads, in inference mode and under
+    CPU autocast (scored in fp32 all the same); the caller's thread count is restored and errors propagate."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 300, 8, generator=generator)
+    k = torch.randn(2, 2, 300, 8, generator=generator)
+    valid = make_valid(300, (0, 7))
+
+    def both():
+        return (non_causal_attention.non_causal_attention_scores(q, k, valid, 0.3, 32),
+                leverage.leverage_scores(k, valid, sketch_size=4, seed=1))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = both()
+        torch.set_num_threads(2)
+        for got in (both(), torch.inference_mode()(both)(), torch.autocast("cpu", dtype=torch.bfloat16)(both)()):
+            assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+        with pytest.raises(RuntimeError):
+            non_causal_attention.non_causal_attention_scores(q, k[:, :, :100], valid, 0.3, 32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert_scores_close(want[0], ref_non_causal(q, k, valid, 0.3, 32), valid)
+    assert_scores_close(want[1], ref_leverage(k, valid, gaussian(8, 4, 1)), valid, rtol=3e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_non_causal_attention_low_precision(dtype):
     generator = torch.Generator().manual_seed(0)

@@ -3,8 +3,9 @@
 Paper: Chari & Van Durme, "Compactor: Calibrated Query-Agnostic KV Cache Compression with Approximate Leverage
 Scores", arXiv 2507.08143. For each KV head, the ``[S, D]`` matrix of pre-RoPE keys (after ``k_norm`` where the
 model has one) is right-sketched by a seeded Gaussian ``Phi`` (``D x k``, entries ``N(0, 1/k)``, k = 48), giving
-``K_hat = K Phi``; the leverage of token ``i`` is ``k_hat_i^T (K_hat^T K_hat)^{-1} k_hat_i``, computed from the small
-``k x k`` Gram matrix with a Cholesky solve.
+``K_hat = K Phi``; the leverage of token ``i`` is ``k_hat_i^T (K_hat^T K_hat)^{-1} k_hat_i``, computed from the
+Cholesky factor ``L`` of the small ``k x k`` Gram matrix as ``||L^{-1} k_hat_i||^2`` (the ``k x k`` triangular
+inverse, then one matrix product over the tokens).
 
 Departures: keys are centred (mean over the real tokens of the row removed) before sketching, as the authors'
 public engine does, so a large common offset in the keys does not dominate; the Gram matrix is regularised by
@@ -28,6 +29,7 @@ def gaussian_sketch(dim: int, sketch_size: int, seed: int, device) -> torch.Tens
     return (torch.randn(dim, sketch_size, generator=generator) / sketch_size**0.5).to(device)
 
 
+@torch.no_grad()  # scores carry no gradient
 def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 48, seed: int = 0) -> torch.Tensor:
     """Approximate leverage score of every token.
 
@@ -40,24 +42,41 @@ def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 
     Returns:
         ``[B, H, S]`` fp32 scores, each in ``[0, 1]``.
     """
-    keys = keys.float() * valid[:, None, :, None]
     d = keys.shape[-1]
-    if sketch_size < d:
-        keys = keys @ gaussian_sketch(d, sketch_size, seed, keys.device)
-    n_real = valid.sum(-1).clamp(min=1)[:, None, None, None]
-    mean = keys.sum(-2, keepdim=True) / n_real
-    centred = (keys - mean) * valid[:, None, :, None]
+    sketch = gaussian_sketch(d, sketch_size, seed, keys.device) if sketch_size < d else None
+    with torch.autocast(keys.device.type, enabled=False):  # fp32 products even inside an autocast region
+        return _leverage(keys, valid, sketch)
+
+
+def _leverage(keys: torch.Tensor, valid: torch.Tensor, sketch: torch.Tensor | None) -> torch.Tensor:
+    """:func:`leverage_scores` of ``keys`` ``[B, H, S, D]`` with the ``[D, k]`` ``sketch`` (``None``: exact)."""
+    padded = not bool(valid.all())
+    source = keys
+    keys = keys.float()
+    if padded:  # padding (possibly garbage) never enters the statistics
+        keys = keys.masked_fill(~valid[:, None, :, None], 0.0)
+    if sketch is not None:
+        keys = keys @ sketch  # [B, H, S, k]
+    if keys is source:
+        keys = keys.clone()  # centred in place below: never the caller's tensor
+    if padded:
+        n_real = valid.sum(-1).clamp(min=1)[:, None, None, None]
+        centred = keys.sub_(keys.sum(-2, keepdim=True) / n_real).mul_(valid[:, None, :, None])
+    else:
+        centred = keys.sub_(keys.mean(-2, keepdim=True))
     gram = centred.transpose(-1, -2) @ centred  # [B, H, k, k]
     k = gram.shape[-1]
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     gram = gram + (1e-4 * trace / k + 1e-6) * torch.eye(k, device=gram.device)
-    chol = torch.linalg.cholesky(gram)
+    chol = torch.linalg.cholesky(gram)  # G = L L^T
     if use_triton(centred):
         from ..kernels.leverage_triton import quadratic_form
 
         return quadratic_form(centred, chol)
-    solved = torch.cholesky_solve(centred.transpose(-1, -2), chol)  # [B, H, k, S] = G^-1 K_hat^T
-    return (centred * solved.transpose(-1, -2)).sum(-1).clamp(min=0.0)
+    # k_hat_i^T G^-1 k_hat_i = ||L^-1 k_hat_i||^2: one small k x k triangular inverse, then one matmul over the tokens
+    eye = torch.eye(k, device=gram.device).expand_as(chol)
+    inverse = torch.linalg.solve_triangular(chol, eye, upper=False)  # [B, H, k, k] = L^-1
+    return (centred @ inverse.transpose(-1, -2)).square_().sum(-1)
 
 
 @dataclass

@@ -10,11 +10,21 @@ Chunks start at each row's first real token (left padding of a batch does not sh
 Departures: the scale is the model's own attention scale (``1/sqrt(d)`` for all supported models but Gemma3, which
 uses ``query_pre_attn_scalar``); padding tokens are excluded as queries and keys; a shorter last chunk is used as
 is (no mass re-balancing). Memory is ``O(S * chunk_size)`` per head, never ``S x S``.
+
+Implementation (the formula above, in fp32): on the PyTorch path each row is scored from its first real token, so the
+chunks need no roll and no filler; the chunks of one KV group are processed a few at a time (``BLOCK_BYTES`` of
+attention weights, so ``Q_c K_c^T``, the in-place softmax and the column sums stay in a core's cache in one reused
+buffer), the scale is applied inside the matrix product (``baddbmm``), the shorter last chunk is scored on its own,
+and only rows with padding after a real token are masked. On CPU the blocks are split over ``torch.get_num_threads()``
+threads, each running single-threaded operations (see :func:`split_over_threads`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +47,10 @@ def roll_rows(x: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, index.view(shape).expand(x.shape))
 
 
+BLOCK_BYTES = 1 << 20  # fp32 attention weights per block: small enough to stay in a core's L2 cache
+
+
+@torch.no_grad()  # scores carry no gradient; the in-place buffers below need none
 def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
     """Column sums of bidirectional attention within chunks.
 
@@ -51,6 +65,103 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         ``[B, H_kv, S]`` fp32: attention each key receives from the real queries of its chunk, averaged over the
         ``H_q / H_kv`` query heads of its group; 0 on padding.
     """
+    if use_triton(keys):
+        return _triton_scores(queries, keys, valid, scale, chunk_size)
+    b, h_q, s, _ = queries.shape
+    h_kv = keys.shape[1]
+    g = h_q // h_kv
+    out = torch.zeros(b, h_kv, s, dtype=torch.float32, device=keys.device)
+    keys = keys.float()  # no copy for fp32 keys
+    pads = (~valid).long().cumprod(-1).sum(-1)  # left padding of each row: chunks start at its first real token
+    holes = valid.long().diff(dim=-1).lt(0).any(-1)  # a real token followed by padding: needs masking
+    step = max(1, BLOCK_BYTES // (4 * g * chunk_size * chunk_size))  # whole chunks per block
+    blocks = []  # (row, KV head, first token, chunks, chunk length, masked)
+    for row, (first, masked) in enumerate(zip(pads.tolist(), holes.tolist(), strict=True)):
+        full, tail = divmod(s - first, chunk_size)  # a row without real tokens has none
+        for h in range(h_kv):
+            blocks += [
+                (row, h, first + c * chunk_size, min(step, full - c), chunk_size, masked) for c in range(0, full, step)
+            ]
+            if tail:  # the shorter last chunk, on its own: no filler tokens to mask
+                blocks.append((row, h, first + full * chunk_size, 1, tail, masked))
+    split_over_threads(partial(_score_blocks, queries, keys, valid, scale, g, out), blocks, keys.device)
+    return out.div_(g)
+
+
+def _score_blocks(queries, keys, valid, scale: float, g: int, out: torch.Tensor, blocks: list) -> None:
+    """Column sums of ``blocks``, summed (not averaged) over each group's query heads, written into ``out``.
+
+    A block is ``(row, h, start, m, size, masked)``: ``m`` chunks of ``size`` tokens of KV head ``h`` in batch row
+    ``row`` from token ``start``. Its ``[G, m, size, size]`` logits (scale applied inside the matrix product), the
+    in-place softmax and the column sums run in one reused buffer that stays in cache. ``masked`` blocks (a row with
+    padding after a real token) mask padding keys and queries.
+    """
+    d = keys.shape[-1]
+    buffer = torch.empty(max(g * m * size * size for *_, m, size, _ in blocks), dtype=torch.float32, device=keys.device)
+    for row, h, start, m, size, masked in blocks:
+        tokens = slice(start, start + m * size)
+        q = queries[row, h * g : (h + 1) * g, tokens].float().reshape(g, m, size, d)  # a view for fp32 queries
+        k_t = keys[row, h, tokens].reshape(m, size, d).transpose(1, 2)  # [m, D, size], a view
+        w = buffer[: g * m * size * size].view(g, m, size, size)
+        for i in range(g):
+            torch.baddbmm(w[i], q[i], k_t, beta=0.0, alpha=scale, out=w[i])
+        if masked:
+            real = valid[row, tokens].view(m, size)
+            w.masked_fill_(~real[None, :, None, :], float("-inf"))  # padding keys get no attention
+        torch.softmax(w, -1, out=w)  # in place
+        if masked:
+            w.masked_fill_(~real[None, :, :, None], 0.0)  # padding queries give none (their rows may be NaN)
+        torch.sum(w, (0, 2), out=out[row, h, tokens].view(m, size))
+
+
+def _thread_count(device: torch.device, items: int) -> int:
+    """Threads :func:`split_over_threads` uses for ``items`` work items: torch's thread count on CPU, else 1."""
+    return max(1, min(torch.get_num_threads(), items)) if device.type == "cpu" else 1
+
+
+def split_over_threads(work: Callable[[list], None], items: list, device: torch.device) -> None:
+    """Run ``work(share)`` on ``T = _thread_count(device, len(items))`` interleaved shares of ``items``, each in its own
+    thread (the caller's thread takes the first) whose torch operations are single-threaded.
+
+    Scoring is many small operations; parallelising each of them (torch's default) costs a thread barrier per
+    operation, which is cheap on an idle machine but can stall for a scheduler time slice each when other processes
+    compete for the cores. Here the threads only meet once, at the end. ``work`` must write disjoint outputs for
+    different items and not depend on the thread count; it runs without gradients and without autocast, in the
+    caller's inference mode. The caller's thread count is restored and the first error is re-raised.
+    """
+    threads = _thread_count(device, len(items))
+    inference = torch.is_inference_mode_enabled()
+    if threads <= 1:
+        if items:
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                work(items)
+        return
+    errors = []
+
+    def run(share: list) -> None:
+        torch.set_num_threads(1)  # this thread's torch operations run on this thread only
+        try:
+            with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", enabled=False):
+                work(share)
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+
+    previous = torch.get_num_threads()
+    workers = [threading.Thread(target=run, args=(items[i::threads],), daemon=True) for i in range(1, threads)]
+    try:
+        for worker in workers:
+            worker.start()
+        run(items[0::threads])
+    finally:
+        for worker in workers:
+            worker.join()
+        torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
+
+
+def _triton_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
+    """Triton path: rows rolled so chunks start at index 0, padded to whole chunks, masked in the kernel."""
     b, h_q, s, d = queries.shape
     h_kv = keys.shape[1]
     g = h_q // h_kv
@@ -60,38 +171,13 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
     n_chunks = -(-s // chunk_size)
     extra = n_chunks * chunk_size - s  # pad to whole chunks with non-real tokens
-    masked = padded or extra > 0
     queries = F.pad(queries.float(), (0, 0, 0, extra)).view(b, h_kv, g, n_chunks, chunk_size, d)
     keys = F.pad(keys.float(), (0, 0, 0, extra)).view(b, h_kv, n_chunks, chunk_size, d)
     valid = F.pad(valid, (0, extra)).view(b, 1, n_chunks, chunk_size)
-    if use_triton(keys):
-        from ..kernels.non_causal_triton import chunk_column_sums
+    from ..kernels.non_causal_triton import chunk_column_sums
 
-        out = chunk_column_sums(queries, keys, valid, scale)
-    else:
-        out = _chunk_column_sums(queries, keys, valid, scale, masked)
-    out = out.view(b, h_kv, -1)[..., :s]
+    out = chunk_column_sums(queries, keys, valid, scale).view(b, h_kv, -1)[..., :s]
     return roll_rows(out, -pad, 2) if padded else out
-
-
-def _chunk_column_sums(queries, keys, valid, scale: float, masked: bool) -> torch.Tensor:
-    """PyTorch path of the column sums: ``queries`` ``[B, H_kv, G, n, C, D]``, ``keys`` ``[B, H_kv, n, C, D]``,
-    ``valid`` ``[B, 1, n, C]``; returns ``[B, H_kv, n, C]`` averaged over the ``G`` query heads."""
-    b, h_kv, g, n_chunks, chunk_size, _ = queries.shape
-    out = torch.empty(b, h_kv, n_chunks, chunk_size, dtype=torch.float32, device=keys.device)
-    step = max(1, (1 << 24) // (h_kv * g * chunk_size * chunk_size))  # chunks per batched matmul: bounded memory
-    for first in range(0, n_chunks, step):
-        part = slice(first, min(first + step, n_chunks))
-        # [B, H_kv, G, c, C, C]: the key chunks broadcast over the G query heads of their KV head
-        logits = (queries[:, :, :, part] * scale) @ keys[:, :, None, part].transpose(-1, -2)
-        if masked:  # padding (and the filler of the last chunk) neither attends nor is attended to
-            m = valid[:, :, None, part]  # [B, 1, 1, c, C]
-            logits = logits.masked_fill(~m[..., None, :], float("-inf"))
-            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * m[..., None]
-        else:
-            weights = torch.softmax(logits, dim=-1)
-        out[:, :, part] = weights.sum(dim=-2).mean(dim=2)
-    return out
 
 
 @dataclass
