@@ -84,11 +84,19 @@ class _LayerHooks:
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
         self.layers, self.rotary_emb, self.model_scope = layers, rotary_emb, model_scope
         self.is_prefill = False
-        self.projected: torch.Tensor | None = None  # query projection output captured during a prefill
-        self._capture = None
+        self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
+        self._captures: list = []
 
-    def _keep_projection(self, module, args, output) -> None:
-        self.projected = output
+    def _capture_projections(self, module: nn.Module) -> None:
+        """Hook the query and key projections (one hook for a fused ``qkv_proj``) to keep their outputs."""
+        targets = {which: projection_module(module, which) for which in ("q", "k")}
+        for target in {id(m): m for m in targets.values()}.values():
+            names = [which for which, m in targets.items() if m is target]
+
+            def keep(mod, args, output, names=names):
+                self.projections.update(dict.fromkeys(names, output))
+
+            self._captures.append(target.register_forward_hook(keep))
 
     def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
         """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
@@ -107,8 +115,8 @@ class _LayerHooks:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
         self.is_prefill = layer is None or layer.get_seq_length() == 0
-        if self.is_prefill and self.press.compresses_prefill() and self._capture is None:
-            self._capture = projection_module(module).register_forward_hook(self._keep_projection)
+        if self.is_prefill and self.press.compresses_prefill() and not self._captures:
+            self._capture_projections(module)
         if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
             cache.layers[self.layer_idx] = DynamicLayer()  # a reset compressed layer: start afresh
         if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
@@ -138,20 +146,19 @@ class _LayerHooks:
             values=values,
             valid=valid,
             rotary=lambda positions: self.rope_at(module, hidden, positions),
-            projected_queries=self.projected if self.projected is not None and hidden is kwargs["hidden_states"]
-            else None,
+            projections=self.projections if hidden is kwargs["hidden_states"] else {},
         )
 
     def after(self, module: nn.Module, args, kwargs, output):
         cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        for handle in self._captures:
+            handle.remove()
+        self._captures = []
         try:
             return self._after(module, kwargs, cache, was_prefill)
         finally:
-            self.projected = None
+            self.projections = {}
 
     def _after(self, module: nn.Module, kwargs, cache, was_prefill: bool):
         if cache is None:
@@ -227,7 +234,7 @@ def press(model: nn.Module, p: Press):
             handles.extend(p.install(model, model_scope))
         yield model
     finally:
-        for handle in handles + [h._capture for h in all_hooks if h._capture is not None]:
+        for handle in handles + [c for h in all_hooks for c in h._captures]:
             handle.remove()
         for attn in attentions:
             _HOOKED.pop(attn, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import InitVar, asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from functools import cached_property
 from numbers import Real
 from typing import ClassVar
@@ -23,7 +23,7 @@ from torch import nn
 
 from .allocators.base import Allocator
 from .cache import CompressedLayer, RaggedLayer
-from .patches.base import Architecture, pre_rope_keys, pre_rope_queries, queries_from_projection
+from .patches.base import Architecture, from_projection, pre_rope_keys, pre_rope_queries
 
 
 @dataclass
@@ -43,8 +43,8 @@ class LayerContext:
         valid: ``[B, S]`` bool, ``False`` on padding tokens.
         rotary: ``rotary(positions [n]) -> (cos, sin)`` each ``[1, n, rotary_dim]``: the layer's RoPE tables at
             arbitrary positions (used by scorers that reason about future queries).
-        projected_queries: ``[B, S, out]`` output of the layer's query projection captured during this forward
-            (saves recomputing it), or ``None``.
+        projections: outputs ``[B, S, out]`` of the layer's query (``"q"``) and key (``"k"``) projections captured
+            during this forward (saves recomputing them); empty when not captured.
     """
 
     module: nn.Module
@@ -58,7 +58,7 @@ class LayerContext:
     values: torch.Tensor
     valid: torch.Tensor
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    projected_queries: torch.Tensor | None = None
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_kv_groups(self) -> int:
@@ -68,8 +68,8 @@ class LayerContext:
     def queries(self, last: int | None = None) -> torch.Tensor:
         """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``), recomputed."""
         start = 0 if last is None else max(self.hidden_states.shape[1] - last, 0)
-        if self.projected_queries is not None:
-            q = queries_from_projection(self.module, self.projected_queries[:, start:])
+        if "q" in self.projections:
+            q = from_projection(self.module, self.projections["q"][:, start:], "q")
         else:
             q = pre_rope_queries(self.module, self.hidden_states[:, start:])
         cos, sin = self.position_embeddings
@@ -79,13 +79,15 @@ class LayerContext:
     @cached_property
     def pre_rope_keys(self) -> torch.Tensor:
         """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` where the model has one)."""
+        if "k" in self.projections:
+            return from_projection(self.module, self.projections["k"], "k")
         return pre_rope_keys(self.module, self.hidden_states)
 
     @cached_property
     def pre_rope_queries(self) -> torch.Tensor:
         """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` where the model has one)."""
-        if self.projected_queries is not None:
-            return queries_from_projection(self.module, self.projected_queries)
+        if "q" in self.projections:
+            return from_projection(self.module, self.projections["q"], "q")
         return pre_rope_queries(self.module, self.hidden_states)
 
 

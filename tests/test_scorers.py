@@ -457,6 +457,31 @@ def test_harness_keys_match_what_the_model_caches(case):
     torch.testing.assert_close(ctx.pre_rope_keys.to(F64), ref.k_pre, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_captured_projections_give_the_recomputed_queries_and_keys(case):
+    """During a real prefill the hooks capture the query and key projections (one fused ``qkv_proj`` for Phi3); the
+    queries and pre-RoPE keys derived from them equal those recomputed from the hidden states."""
+    from kvpress_like.patches.base import pre_rope_keys, pre_rope_queries
+
+    model = get_model(case)
+    seen = []
+
+    class Recording(kvpress_like.KnormPress):
+        def score(self, ctx):
+            seen.append((set(ctx.projections), ctx.pre_rope_keys, ctx.pre_rope_queries,
+                         pre_rope_keys(ctx.module, ctx.hidden_states), pre_rope_queries(ctx.module, ctx.hidden_states)))
+            return super().score(ctx)
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), kvpress_like.press(model, Recording(ratio=0.5)):
+        model(ids)
+    assert len(seen) == len(architecture_for(model.config).compressible_layers(model.config))
+    for names, keys, queries, want_keys, want_queries in seen:
+        assert names == {"q", "k"}
+        torch.testing.assert_close(keys, want_keys)
+        torch.testing.assert_close(queries, want_queries)
+
+
 def test_helpers_detect_a_difference():
     """The comparison helpers are not vacuous."""
     valid = make_valid(12, (0, 2))

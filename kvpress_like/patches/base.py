@@ -58,30 +58,37 @@ def layer_types(config) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
-def projection_module(attn: nn.Module) -> nn.Module:
-    """The linear layer whose output holds the queries: ``q_proj``, or the fused ``qkv_proj`` (Phi3)."""
-    return attn.qkv_proj if hasattr(attn, "qkv_proj") else attn.q_proj
+def projection_module(attn: nn.Module, which: str) -> nn.Module:
+    """The linear layer whose output holds the queries (``which="q"``) or the keys (``"k"``): ``q_proj``/``k_proj``,
+    or the fused ``qkv_proj`` (Phi3)."""
+    return attn.qkv_proj if hasattr(attn, "qkv_proj") else getattr(attn, f"{which}_proj")
 
 
-def queries_from_projection(attn: nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE queries ``[B, H_q, S, D]`` from the output of :func:`projection_module` (``[B, S, out]``)."""
+def _fused_rows(attn: nn.Module, which: str) -> slice:
+    """Rows of the queries or keys in a fused ``qkv_proj`` (rows are ``[q | k | v]``)."""
     n_q = attn.config.num_attention_heads * attn.head_dim
-    return _project(attn, projected[..., :n_q], "q", projected=True)
+    n_k = attn.config.num_key_value_heads * attn.head_dim
+    return slice(0, n_q) if which == "q" else slice(n_q, n_q + n_k)
+
+
+def from_projection(attn: nn.Module, projected: torch.Tensor, which: str) -> torch.Tensor:
+    """Pre-RoPE queries or keys ``[B, H, S, D]`` from the output ``[B, S, out]`` of ``projection_module(attn, which)``."""
+    if hasattr(attn, "qkv_proj"):
+        projected = projected[..., _fused_rows(attn, which)]
+    return _project(attn, projected, which, projected=True)
 
 
 def _project(attn: nn.Module, hidden_states: torch.Tensor, which: str, projected: bool = False) -> torch.Tensor:
     """Pre-RoPE queries (``which="q"``) or keys (``"k"``) of ``hidden_states`` ``[B, S, hidden]``.
 
     Returns ``[B, H, S, D]`` (H query heads or KV heads), after ``q_norm``/``k_norm`` when the layer has them.
-    With ``projected=True``, ``hidden_states`` is already the projection's output.
+    With ``projected=True``, ``hidden_states`` is already the projection's output (only the ``which`` rows).
     """
     head_dim = attn.head_dim
     if projected:
         flat = hidden_states
-    elif hasattr(attn, "qkv_proj"):  # fused (Phi3): rows are [q | k | v]
-        n_q = attn.config.num_attention_heads * head_dim
-        n_k = attn.config.num_key_value_heads * head_dim
-        rows = slice(0, n_q) if which == "q" else slice(n_q, n_q + n_k)
+    elif hasattr(attn, "qkv_proj"):  # fused (Phi3)
+        rows = _fused_rows(attn, which)
         bias = attn.qkv_proj.bias[rows] if attn.qkv_proj.bias is not None else None
         flat = F.linear(hidden_states, attn.qkv_proj.weight[rows], bias)
     else:
