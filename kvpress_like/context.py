@@ -8,25 +8,61 @@ Two forward hooks per compressible attention module do all the work:
   stays near one layer's full KV.
 
 Decoding steps and any later forward on the same cache are never compressed by a prefill press.
+
+While a prefill is being compressed, the outputs of the query and key projections are kept (forward hooks), and so
+are the post-RoPE queries: the model's attention function (``ALL_ATTENTION_FUNCTIONS``, sdpa) is wrapped while any
+press is active, so scorers need not recompute them.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import CompressedLayer, RaggedLayer, cache_in, full_keys_values, requantize
 from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
-_HOOKED: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # attention module -> press
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, _LayerHooks] = weakref.WeakKeyDictionary()  # attention module -> hooks
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+_WRAPPED = "sdpa"  # the attention function wrapped to capture post-RoPE queries (eager is each model's own function)
+_wrapping_lock = threading.Lock()
+_wrapping: dict = {"users": 0, "previous": None}
+
+
+def _capture_queries(original):
+    """``original`` attention function, noting the post-RoPE queries ``[B, H_q, S, D]`` of hooked layers' prefill."""
+
+    def attention(module, query, *args, **kwargs):
+        hooks = _HOOKED.get(module)
+        if hooks is not None and hooks._captures:  # a prefill being compressed
+            hooks.projections["q_rope"] = query
+        return original(module, query, *args, **kwargs)
+
+    attention.wrapped = original
+    return attention
+
+
+def _wrap_attention(delta: int) -> None:
+    """Wrap (first active press, ``delta=1``) or restore (last one, ``delta=-1``) the sdpa attention function."""
+    with _wrapping_lock:
+        _wrapping["users"] += delta
+        if delta > 0 and _wrapping["users"] == 1:
+            _wrapping["previous"] = ALL_ATTENTION_FUNCTIONS._local_mapping.get(_WRAPPED)
+            ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _capture_queries(ALL_ATTENTION_FUNCTIONS[_WRAPPED])
+        elif delta < 0 and _wrapping["users"] == 0:
+            if _wrapping["previous"] is None:
+                del ALL_ATTENTION_FUNCTIONS[_WRAPPED]
+            else:
+                ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapping["previous"]
 
 
 def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
@@ -213,7 +249,7 @@ def press(model: nn.Module, p: Press):
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary_emb = getattr(base, "rotary_emb", None)
     attentions = [arch.attention(layers[idx]) for idx in compressible]
-    installed = next((_HOOKED[a] for a in attentions if a in _HOOKED), None)
+    installed = next((_HOOKED[a].press for a in attentions if a in _HOOKED), None)
     if installed is not None:
         raise ValueError(
             f"model already has a press installed ({type(installed).__name__}); "
@@ -223,11 +259,12 @@ def press(model: nn.Module, p: Press):
     model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" or p.defers_selection else None
     handles, all_hooks = [], []
     _ACTIVE[model] = p
+    _wrap_attention(+1)
     try:
         for idx, attn in zip(compressible, attentions):
             hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope)
             all_hooks.append(hooks)
-            _HOOKED[attn] = p
+            _HOOKED[attn] = hooks
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
         if p.defers_selection:
@@ -239,6 +276,7 @@ def press(model: nn.Module, p: Press):
         for attn in attentions:
             _HOOKED.pop(attn, None)
         _ACTIVE.pop(model, None)
+        _wrap_attention(-1)
 
 
 def active_press(model: nn.Module) -> Press | None:

@@ -43,8 +43,9 @@ class LayerContext:
         valid: ``[B, S]`` bool, ``False`` on padding tokens.
         rotary: ``rotary(positions [n]) -> (cos, sin)`` each ``[1, n, rotary_dim]``: the layer's RoPE tables at
             arbitrary positions (used by scorers that reason about future queries).
-        projections: outputs ``[B, S, out]`` of the layer's query (``"q"``) and key (``"k"``) projections captured
-            during this forward (saves recomputing them); empty when not captured.
+        projections: what this forward computed anyway, captured so scorers need not recompute it: the outputs
+            ``[B, S, out]`` of the query (``"q"``) and key (``"k"``) projections and the post-RoPE queries
+            ``[B, H_q, S, D]`` (``"q_rope"``, sdpa only); each may be missing.
     """
 
     module: nn.Module
@@ -66,8 +67,10 @@ class LayerContext:
         return self.module.config.num_attention_heads // self.module.config.num_key_value_heads
 
     def queries(self, last: int | None = None) -> torch.Tensor:
-        """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``), recomputed."""
+        """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``)."""
         start = 0 if last is None else max(self.hidden_states.shape[1] - last, 0)
+        if "q_rope" in self.projections:
+            return self.projections["q_rope"][:, :, start:]
         if "q" in self.projections:
             q = from_projection(self.module, self.projections["q"][:, start:], "q")
         else:

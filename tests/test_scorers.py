@@ -457,10 +457,11 @@ def test_harness_keys_match_what_the_model_caches(case):
     torch.testing.assert_close(ctx.pre_rope_keys.to(F64), ref.k_pre, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", SHAPE_CASES)
-def test_captured_projections_give_the_recomputed_queries_and_keys(case):
-    """During a real prefill the hooks capture the query and key projections (one fused ``qkv_proj`` for Phi3); the
-    queries and pre-RoPE keys derived from them equal those recomputed from the hidden states."""
+def test_captured_projections_give_the_recomputed_queries_and_keys(case, attn):
+    """During a real prefill the hooks capture the query and key projections (one fused ``qkv_proj`` for Phi3) and,
+    with sdpa, the post-RoPE queries; what scorers derive from them equals what is recomputed from the hidden states."""
     from kvpress_like.patches.base import pre_rope_keys, pre_rope_queries
 
     model = get_model(case)
@@ -468,18 +469,46 @@ def test_captured_projections_give_the_recomputed_queries_and_keys(case):
 
     class Recording(kvpress_like.KnormPress):
         def score(self, ctx):
-            seen.append((set(ctx.projections), ctx.pre_rope_keys, ctx.pre_rope_queries,
-                         pre_rope_keys(ctx.module, ctx.hidden_states), pre_rope_queries(ctx.module, ctx.hidden_states)))
+            fresh = dataclasses.replace(ctx, projections={})
+            seen.append((set(ctx.projections), (ctx.pre_rope_keys, ctx.pre_rope_queries, ctx.queries(), ctx.queries(5)),
+                         (pre_rope_keys(ctx.module, ctx.hidden_states), pre_rope_queries(ctx.module, ctx.hidden_states),
+                          fresh.queries(), fresh.queries(5))))
             return super().score(ctx)
 
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), kvpress_like.press(model, Recording(ratio=0.5)):
-        model(ids)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = attn
+    try:
+        with torch.no_grad(), kvpress_like.press(model, Recording(ratio=0.5)):
+            model(ids)
+    finally:
+        model.config._attn_implementation = previous
     assert len(seen) == len(architecture_for(model.config).compressible_layers(model.config))
-    for names, keys, queries, want_keys, want_queries in seen:
-        assert names == {"q", "k"}
-        torch.testing.assert_close(keys, want_keys)
-        torch.testing.assert_close(queries, want_queries)
+    for names, got, want in seen:
+        assert names == ({"q", "k", "q_rope"} if attn == "sdpa" else {"q", "k"})
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y)
+
+
+def test_query_capture_wraps_sdpa_only_while_a_press_is_active():
+    """The sdpa function is wrapped while any press is active (two models at once, exits in any order, an error
+    inside the block) and is the original one afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    first, second = get_model("llama"), get_model("qwen3")
+    one, two = kvpress_like.press(first, kvpress_like.KnormPress(0.5)), kvpress_like.press(second, kvpress_like.KnormPress(0.5))
+    one.__enter__()
+    two.__enter__()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"].wrapped is original
+    one.__exit__(None, None, None)  # not the last one out: still wrapped
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"].wrapped is original
+    two.__exit__(None, None, None)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    with pytest.raises(RuntimeError, match="inside"):
+        with kvpress_like.press(first, kvpress_like.KnormPress(0.5)):
+            raise RuntimeError("inside")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
 
 
 def test_helpers_detect_a_difference():
