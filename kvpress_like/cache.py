@@ -212,6 +212,7 @@ class RaggedLayer(CacheLayerMixin):
         self.pending_valid: torch.Tensor | None = None
         self.keys, self.values = flat_keys, flat_values  # for code that checks `layer.keys`
         self._index = self._present = None
+        self.skip_padded_view = False  # set for one update whose caller attends over the flat storage itself
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # built already initialised
@@ -244,7 +245,9 @@ class RaggedLayer(CacheLayerMixin):
         return torch.cat([keys, self.tail_keys], dim=2), torch.cat([values, self.tail_values], dim=2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, H, q, D]`` to every head; returns the padded ``[B, H, L_max + T, D]`` keys and values."""
+        """Append ``[B, H, q, D]`` to every head; returns the padded ``[B, H, L_max + T, D]`` keys and values, or the
+        flat ``[N, D]`` ones when ``skip_padded_view`` was set for this update (the caller attends over the layer
+        with :func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`)."""
         q = key_states.shape[2]
         valid = self.pending_valid
         if valid is None:
@@ -254,6 +257,9 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
         self.tail_valid = torch.cat([self.tail_valid, valid.to(self.tail_valid.device)], dim=1)
         self.logical_length += q
+        if self.skip_padded_view:
+            self.skip_padded_view = False
+            return self.flat_keys, self.flat_values
         return self._padded()
 
     def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):

@@ -9,9 +9,13 @@ Two forward hooks per compressible attention module do all the work:
 
 Decoding steps and any later forward on the same cache are never compressed by a prefill press.
 
-While a prefill is being compressed, the outputs of the query and key projections are kept (forward hooks), and so
-are the post-RoPE queries: the model's attention function (``ALL_ATTENTION_FUNCTIONS``, sdpa) is wrapped while any
-press is active, so scorers need not recompute them.
+While a press is active, the model's sdpa attention function (``ALL_ATTENTION_FUNCTIONS``) is wrapped:
+
+* during a prefill being compressed it keeps the post-RoPE queries (and forward hooks keep the outputs of the query
+  and key projections), so scorers need not recompute them;
+* on a layer holding a ragged per-head cache it attends over the cache as stored
+  (:func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`: flash-attention's varlen kernel on CUDA,
+  views of the flat segments on CPU) instead of a padded copy of the cache and a per-head mask built every step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import CompressedLayer, RaggedLayer, cache_in, full_keys_values, requantize
+from .kernels.ragged_attention import ragged_layer_attention
 from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
 
@@ -39,10 +44,14 @@ _wrapping: dict = {"users": 0, "previous": None}
 
 
 def _capture_queries(original):
-    """``original`` attention function, noting the post-RoPE queries ``[B, H_q, S, D]`` of hooked layers' prefill."""
+    """``original`` attention function, noting the post-RoPE queries ``[B, H_q, S, D]`` of hooked layers' prefill
+    and attending over ragged layers as stored (see the module docstring)."""
 
     def attention(module, query, *args, **kwargs):
         hooks = _HOOKED.get(module)
+        if hooks is not None and hooks.ragged is not None:  # keys/values passed are placeholders: see `before`
+            out = ragged_layer_attention(query, hooks.ragged, kwargs.get("scaling"))  # [B, H_q, q, D]
+            return out.transpose(1, 2).contiguous(), None
         if hooks is not None and hooks._captures:  # a prefill being compressed
             hooks.projections["q_rope"] = query
         return original(module, query, *args, **kwargs)
@@ -122,6 +131,7 @@ class _LayerHooks:
         self.is_prefill = False
         self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
         self._captures: list = []
+        self.ragged: RaggedLayer | None = None  # the ragged layer this forward attends over as stored
 
     def _capture_projections(self, module: nn.Module) -> None:
         """Hook the query and key projections (one hook for a fused ``qkv_proj``) to keep their outputs."""
@@ -161,6 +171,11 @@ class _LayerHooks:
         q = hidden.shape[1]
         incoming = kwargs.get("attention_mask")
         layer.pending_valid = valid_tokens(incoming, hidden.shape[0], q, hidden.device)
+        if isinstance(layer, RaggedLayer) and module.config._attn_implementation == _WRAPPED and getattr(
+                module.config, "attn_logit_softcapping", None) is None:
+            self.ragged, layer.skip_padded_view = layer, True  # the wrapped attention function reads the layer
+            kwargs["attention_mask"] = None
+            return args, kwargs
         eager = module.config._attn_implementation == "eager"
         groups = module.config.num_attention_heads // module.config.num_key_value_heads
         kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
@@ -188,6 +203,7 @@ class _LayerHooks:
     def after(self, module: nn.Module, args, kwargs, output):
         cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
+        self.ragged = None
         for handle in self._captures:
             handle.remove()
         self._captures = []

@@ -7,6 +7,8 @@ interpreter setting (read when a kernel module is imported) never leaks into oth
 
 from __future__ import annotations
 
+import importlib
+
 import os
 import subprocess
 import sys
@@ -18,6 +20,8 @@ import torch
 from kvpress_like.cache import RaggedLayer
 from kvpress_like.kernels import leverage_scores, non_causal_attention_scores, triton_available, use_triton
 from kvpress_like.kernels.ragged_attention import _Sets, _varlen_path, ragged_attention, ragged_layer_attention
+
+ragged_attention_module = importlib.import_module("kvpress_like.kernels.ragged_attention")
 
 
 def run_python(code: str, **env: str) -> str:
@@ -276,9 +280,16 @@ RAGGED_SHAPES = [  # b, h_q, h_kv, q, t
 ]
 
 
+@pytest.mark.parametrize("path", ["padded", "segments"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("b, h_q, h_kv, q, t", RAGGED_SHAPES)
-def test_ragged_attention_torch_path_matches_naive_dense_attention(b, h_q, h_kv, q, t, causal):
+def test_ragged_attention_torch_paths_match_naive_dense_attention(b, h_q, h_kv, q, t, causal, path, monkeypatch):
+    """Both PyTorch paths: the padded gather, and per key set over views of the flat segments (where it applies)."""
+    applies = ragged_attention_module._segments_apply
+    monkeypatch.setattr(ragged_attention_module, "_segments_apply",
+                        lambda query, sets: path == "segments" and applies(query, sets))
+    if path == "segments" and causal and q > t:
+        pytest.skip("new tokens among the flat entries: the segment path does not apply")
     args = ragged_case(b * 100 + h_q * 10 + q + t, b, h_q, h_kv, q, t, d_v=8)
     got = ragged_attention(**args, scale=0.3, causal=causal, use_flash=False)
     assert got.shape == (b, h_q, q, 8) and got.dtype == torch.float32
@@ -289,6 +300,7 @@ def test_ragged_attention_torch_path_matches_naive_dense_attention(b, h_q, h_kv,
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ragged_attention_half_precision(dtype):
+    """(The segment path, which applies here.)"""
     args = ragged_case(7, 2, 6, 2, 2, 4, dtype=dtype)
     got = ragged_attention(**args, use_flash=False)
     assert got.dtype == dtype

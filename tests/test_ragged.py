@@ -243,6 +243,37 @@ def test_multi_token_forward_on_ragged_cache_equals_token_by_token(impl, atol):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_sdpa_decoding_attends_over_ragged_storage_without_the_padded_view(impl, monkeypatch):
+    """With sdpa, a decoding step on a ragged layer never builds the padded view or the per-head mask (the wrapped
+    attention function reads the flat storage); eager still uses them. The logits agree (the tests above check each
+    against masked full attention)."""
+    from kvpress_like.cache import RaggedLayer
+
+    calls = {"view": 0, "mask": 0}
+    padded, mask = RaggedLayer._padded, RaggedLayer.attention_mask
+
+    def counted_padded(self):
+        calls["view"] += 1
+        return padded(self)
+
+    def counted_mask(self, *args, **kwargs):
+        calls["mask"] += 1
+        return mask(self, *args, **kwargs)
+
+    monkeypatch.setattr(RaggedLayer, "_padded", counted_padded)
+    monkeypatch.setattr(RaggedLayer, "attention_mask", counted_mask)
+    model = cached_tiny_model("llama", impl, **INIT)
+    ids = random_ids(40, seed=5)
+    with torch.no_grad(), press(model, KEY_PRESSES["snapkv"]()):
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 43
+    if impl == "sdpa":
+        assert calls == {"view": 0, "mask": 0}
+    else:  # once per ragged layer in each of the two forwards after the prefill
+        assert calls["view"] == calls["mask"] > 0 and calls["view"] % 2 == 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_ragged_decoding_with_left_padding_equals_masked_full_attention(impl):
     """Rows of different lengths in one batch: padding is never kept and never attended."""
     model = cached_tiny_model("llama", impl, **INIT)

@@ -8,11 +8,14 @@ its tail; the ``G = H_q / H_kv`` query heads of a group attend to it (query head
 ``repeat_kv``). With ``causal``, the ``q`` new tokens are the last ``q`` entries of every key set (they have already
 been appended to the cache) and token ``i`` sees the entries up to its own (bottom-right alignment).
 
-Two paths, same result:
+Three paths, same result:
 
 * flash-attention installed, CUDA fp16/bf16 tensors: ``flash_attn_varlen_func`` with each ``(b, h_kv)`` one
   variable-length sequence (its real entries packed back to back, tail padding left out), the group's query heads as
   heads, queries of padding tokens left out;
+* on CPU (when the new tokens are all in the tail, as after a :class:`~kvpress_like.cache.RaggedLayer` update): per
+  key set, logits (fp32, or fp64 for fp64 inputs) over its flat segment (a view, nothing copied) and over its tail, one softmax, two products;
+  a decoding step then never copies the cache;
 * otherwise PyTorch: the key sets gathered into a padded ``[B, H_kv, L_max + T, D]`` batch and one masked
   ``scaled_dot_product_attention`` with the group's query heads stacked along the query axis (keys never repeated).
 
@@ -139,7 +142,44 @@ def ragged_attention(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: 
                            "queries, keys and values, head dim <= 256 and equal key and value head dims")
     if applies and use_flash is not False:
         return _varlen_path(flash, query, flat_keys, flat_values, tail_keys, tail_values, sets, scale)
+    if _segments_apply(query, sets):
+        return _segment_path(query, flat_keys, flat_values, tail_keys, tail_values, sets, scale)
     return _torch_path(query, flat_keys, flat_values, tail_keys, tail_values, sets, scale)
+
+
+def _segments_apply(query: torch.Tensor, sets: _Sets) -> bool:
+    """Whether :func:`_segment_path` is used: on CPU, when no new token is among the flat entries."""
+    return query.device.type == "cpu" and (not sets.causal or sets.t >= sets.q)
+
+
+def _segment_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _Sets, scale: float) -> torch.Tensor:
+    """Per ``(b, h_kv)`` key set: logits (fp32 or wider) of its ``G * q`` queries over its flat segment (a view) and its
+    tail, one softmax over both, then the two weighted sums. Needs the new tokens in the tail when ``sets.causal``."""
+    b, h_kv, g, q, t = sets.b, sets.h_kv, sets.g, sets.q, sets.t
+    d_v = flat_values.shape[-1]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    out = torch.zeros(b, h_kv * g, q, d_v, dtype=dtype, device=query.device)
+    starts = (sets.lengths.flatten().cumsum(0) - sets.lengths.flatten()).tolist()
+    lengths = sets.lengths.flatten().tolist()
+    visible = sets.tail_valid[:, None, :].expand(b, q, t)  # [B, q, T]: tail entries each new token sees
+    if sets.causal:
+        visible = visible & (torch.arange(t, device=query.device) <= torch.arange(t - q, t, device=query.device)[:, None])
+    for row in range(b):
+        hidden = ~visible[row].repeat(g, 1)  # [G * q, T], rows in (head, token) order
+        for h in range(h_kv):
+            start, length = starts[row * h_kv + h], lengths[row * h_kv + h]
+            queries = query[row, h * g:(h + 1) * g].reshape(g * q, -1).to(dtype)  # [G * q, D]
+            keys, values = flat_keys[start:start + length].to(dtype), flat_values[start:start + length].to(dtype)
+            logits = queries @ keys.T
+            if t:
+                tail = (queries @ tail_keys[row, h].to(dtype).T).masked_fill_(hidden, float("-inf"))
+                logits = torch.cat([logits, tail], dim=-1)
+            weights = torch.softmax(logits.mul_(scale), dim=-1).nan_to_num_(0.0)  # a set with nothing visible: 0
+            result = weights[:, :length] @ values
+            if t:
+                result += weights[:, length:] @ tail_values[row, h].to(dtype)
+            out[row, h * g:(h + 1) * g] = result.view(g, q, d_v)
+    return out.masked_fill_(~sets.query_valid[:, None, :, None], 0.0).to(query.dtype)
 
 
 def ragged_layer_attention(query: torch.Tensor, layer, scale: float | None = None) -> torch.Tensor:
