@@ -39,9 +39,14 @@ class CompressedLayer(DynamicLayer):
         logical_length: number of tokens the layer has seen (kept, evicted and appended).
         compressed_length: number of physical entries that belong to the compressed context; entries after it
             are uncompressed, appended tokens.
+
+    Appended tokens are written in place into room reserved after the stored entries (``APPEND_RESERVE`` tokens at a
+    time, counted by :meth:`nbytes`): a decoding step copies one token, not the whole layer as ``torch.cat`` would.
+    ``keys``/``values`` are views of that storage.
     """
 
     is_croppable = True
+    APPEND_RESERVE = 64
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, logical_length: int):
         super().__init__()
@@ -56,6 +61,7 @@ class CompressedLayer(DynamicLayer):
         self.logical_length = int(logical_length)
         self.compressed_length = keys.shape[2]
         self.pending_valid: torch.Tensor | None = None
+        self._storage: dict[str, torch.Tensor] = {}  # "keys"/"values" -> [B, H, capacity, D] reserved storage
         self.is_initialized = True
 
     @property
@@ -73,11 +79,29 @@ class CompressedLayer(DynamicLayer):
         if new_valid is None:
             new_valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.valid.device)
         self.pending_valid = None
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = self._append("keys", self.keys, key_states)
+        self.values = self._append("values", self.values, value_states)
         self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=-1)
         self.logical_length += q
         return self.keys, self.values
+
+    def _append(self, name: str, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``stored`` ``[B, H, P, D]`` followed by ``new`` ``[B, H, q, D]``, written into the reserved room after
+        ``stored`` when ``stored`` is the start of this layer's storage ``name`` (else a new storage is reserved)."""
+        storage = self._storage.get(name)
+        p, q = stored.shape[-2], new.shape[-2]
+        in_place = (storage is not None and stored.data_ptr() == storage.data_ptr() and stored.stride() ==
+                    storage.stride() and stored.shape[:2] == storage.shape[:2] and p + q <= storage.shape[-2])
+        if not in_place:
+            storage = stored.new_empty(*stored.shape[:2], p + q + self.APPEND_RESERVE, stored.shape[-1])
+            storage[:, :, :p].copy_(stored)
+            self._storage[name] = storage
+        storage[:, :, p:p + q].copy_(new)
+        return storage[:, :, :p + q]
+
+    def _held(self, view: torch.Tensor | None) -> torch.Tensor | None:
+        """The reserved storage ``view`` starts, or ``view`` itself."""
+        return next((t for t in self._storage.values() if view is not None and t.data_ptr() == view.data_ptr()), view)
 
     def get_seq_length(self) -> int:
         """Logical length: tokens seen, so positions continue as without compression."""
@@ -119,7 +143,7 @@ class CompressedLayer(DynamicLayer):
                 f"cannot crop {n} tokens: only {self.physical_length - self.compressed_length} tokens were appended "
                 "after the compressed context, and compressed entries cannot be un-evicted"
             )
-        self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]  # the room is reused
         self.valid = self.valid[:, :-n]
         self.logical_length -= n
 
@@ -128,24 +152,29 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.valid = None
         self.pending_valid = None
+        self._storage = {}
         self.logical_length = 0
         self.compressed_length = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self._storage = {}  # keys/values are new tensors now
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self._storage = {}  # keys/values are new tensors now
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.valid = self.valid[indices, ...]
+        self._storage = {}  # keys/values are new tensors now
 
     def nbytes(self) -> int:
-        """Bytes held: keys and values, plus the ``[B, P]`` bool ``valid`` mask (one byte per slot)."""
-        return tensor_bytes(self.keys) + tensor_bytes(self.values) + tensor_bytes(self.valid)
+        """Bytes held: keys and values (with the room reserved for appended tokens), plus the ``[B, P]`` bool ``valid``
+        mask (one byte per slot)."""
+        return tensor_bytes(self._held(self.keys)) + tensor_bytes(self._held(self.values)) + tensor_bytes(self.valid)
 
 
 def build_mask(past_valid: torch.Tensor, incoming: torch.Tensor | None, q: int, float_dtype: torch.dtype | None):

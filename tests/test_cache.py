@@ -75,6 +75,30 @@ def test_update_appends_and_grows_logical_length():
     assert layer.get_seq_length() == 15 and layer.physical_length == 8 and layer.valid.shape == (B, 8)
 
 
+def test_appended_tokens_are_written_into_reserved_room(monkeypatch):
+    """Decoding steps write into room reserved after the stored entries (no copy of the layer per step) and give what
+    ``torch.cat`` would, through crops, a reset storage (batch reordering) and running out of room."""
+    monkeypatch.setattr(CompressedLayer, "APPEND_RESERVE", 3)
+    layer = make_layer(p=5, logical=12)
+    want_k, want_v = layer.keys.clone(), layer.values.clone()
+    starts = set()
+    for step, q in enumerate([1, 1, 1, 1, 3, 1]):
+        if step == 3:
+            layer.crop(-2)
+            want_k, want_v = want_k[:, :, :-2], want_v[:, :, :-2]
+        if step == 5:
+            layer.reorder_cache(torch.tensor([2, 0, 1]))
+            want_k, want_v = want_k[[2, 0, 1]], want_v[[2, 0, 1]]
+        new_k, new_v = torch.randn(B, H, q, D), torch.randn(B, H, q, D)
+        keys, values = layer.update(new_k, new_v)
+        want_k, want_v = torch.cat([want_k, new_k], 2), torch.cat([want_v, new_v], 2)
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+        starts.add(keys.data_ptr())
+    # storages: the first append's (room for 5 + 1 + 3), filled in place until 3 more tokens do not fit, and the one
+    # after reordering
+    assert len(starts) == 3
+
+
 def test_update_uses_pending_valid_once():
     layer = make_layer(p=3, logical=3)
     layer.pending_valid = torch.tensor([[True, True], [False, True], [True, False]])
@@ -233,8 +257,8 @@ def test_reorder_cache_keeps_valid_consistent():
 def test_nbytes_counts_keys_values_and_valid():
     layer = make_layer(p=5)
     assert layer.nbytes() == 2 * B * H * 5 * D * 4 + B * 5
-    layer.update(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D))
-    assert layer.nbytes() == 2 * B * H * 7 * D * 4 + B * 7
+    layer.update(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D))  # reserves room for APPEND_RESERVE more tokens
+    assert layer.nbytes() == 2 * B * H * (7 + CompressedLayer.APPEND_RESERVE) * D * 4 + B * 7
     cache = DynamicCache()
     cache.layers = [layer]
     assert cache_bytes(cache) == layer.nbytes()

@@ -384,7 +384,7 @@ def test_cache_bytes_of_every_allocator(arch, allocator_name):
             per_row = layer.valid[:, : layer.compressed_length].sum(-1).tolist()
             physical = max(per_row) + appended  # no slot beyond the longest row's kept entries
             assert layer.keys.shape == (b, h, physical, d)
-            entries = b * h * physical
+            entries = b * h * (physical + CompressedLayer.APPEND_RESERVE - appended + 1)  # room reserved at step 1
             metadata = b * physical  # valid [B, P] bool
             for row in range(b):
                 kept_per_row[row] += h * per_row[row]
