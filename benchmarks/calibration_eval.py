@@ -6,9 +6,10 @@ NLL; the calibrated press's ratio for that context is derived from the shipped (
 the fixed press uses one ratio for every sample, ``1 - mean kept fraction`` of the calibrated one. Both caches are
 built from the same recorded scores, then each answers greedily; the full cache answers too.
 
-Reported per length: mean kept fraction, task score (RULER string match) of full / calibrated / fixed, the score
-relative to the full cache's, and the NLL-ratio quality (``NLL(answer | full) / NLL(answer | compressed)``, the
-quality the calibration predicts) averaged over samples.
+Reported per length and quality target (``--quality``; several share the prefills): mean kept fraction, task score
+(RULER string match) of full / calibrated / fixed, the score relative to the full cache's, and the NLL-ratio
+quality (``NLL(answer | full) / NLL(answer | compressed)``, the quality the calibration predicts) averaged over
+samples.
 
 Usage::
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
-    parser.add_argument("--quality", type=float, default=0.95)
+    parser.add_argument("--quality", type=float, nargs="+", default=[0.95], help="quality targets (one row each)")
     parser.add_argument("--press", default="compactor")
     parser.add_argument("--calibration", help="parameter file (default: the shipped one)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -69,13 +70,13 @@ def main() -> None:
     else:
         source, data = shipped_calibration(model_fingerprint(model))
     fitted: QualityModel = quality_model_for(data, args.press, str(source))
-    print(f"press {args.press}, quality {args.quality}, parameters alpha={fitted.alpha:.4f} beta={fitted.beta:.4f} "
-          f"from {source}")
+    print(f"press {args.press}, qualities {args.quality}, parameters alpha={fitted.alpha:.4f} "
+          f"beta={fitted.beta:.4f} from {source}")
     recorder = _ScoreRecorder(scorer=kvpress_like.create_press(args.press))
     label = recorder.scorer.name
     rows = []
     for length in args.lengths:
-        kept, runs = [], []
+        runs = []
         with torch.no_grad(), press_context(model, recorder):
             for task in args.tasks:
                 for sample in generate_samples(task, tokenizer, length, args.samples, seed=0):
@@ -83,44 +84,49 @@ def main() -> None:
                     answer_ids = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False,
                                            return_tensors="pt")["input_ids"]
                     full = prefill(model, context_ids)
-                    retention = min(1.0, max(0.05, fitted.retention(args.quality, recorder.nll)))
-                    cache = copy.deepcopy(full)
-                    recorder.compress_at(label, cache, 1.0 - retention)
-                    kept.append(kept_fraction(cache))
                     nll_full = answer_nll(model, copy.deepcopy(full), suffix_ids, answer_ids)
-                    runs.append({
-                        "sample": sample, "ids": (context_ids, suffix_ids, answer_ids),
-                        "full": answer(model, tokenizer, full, context_ids, suffix_ids, sample, args.max_new_tokens),
-                        "calibrated": answer(model, tokenizer, cache, context_ids, suffix_ids, sample,
-                                             args.max_new_tokens),
-                        "q_calibrated": nll_full / answer_nll(model, cache, suffix_ids, answer_ids),
-                        "nll_full": nll_full, "context_nll": recorder.nll,
-                    })
-            fixed_ratio = 1.0 - sum(kept) / len(kept)
-            fixed_kept = []
-            for run in runs:  # the fixed ratio from the same recorded scores: re-prefill to re-record them
+                    run = {"sample": sample, "ids": (context_ids, suffix_ids, answer_ids), "nll_full": nll_full,
+                           "context_nll": recorder.nll,
+                           "full": answer(model, tokenizer, full, context_ids, suffix_ids, sample, args.max_new_tokens)}
+                    for quality in args.quality:
+                        retention = min(1.0, max(0.05, fitted.retention(quality, recorder.nll)))
+                        cache = copy.deepcopy(full)
+                        recorder.compress_at(label, cache, 1.0 - retention)
+                        run[quality, "kept", "calibrated"] = kept_fraction(cache)
+                        run[quality, "score", "calibrated"] = answer(model, tokenizer, cache, context_ids, suffix_ids,
+                                                                     sample, args.max_new_tokens)
+                        run[quality, "nll", "calibrated"] = nll_full / answer_nll(model, cache, suffix_ids, answer_ids)
+                    runs.append(run)
+            n = len(runs)
+            fixed_ratios = {quality: 1.0 - sum(r[quality, "kept", "calibrated"] for r in runs) / n
+                            for quality in args.quality}
+            for run in runs:  # the fixed ratios from the same scores: re-prefill to re-record them
                 context_ids, suffix_ids, answer_ids = run["ids"]
                 full = prefill(model, context_ids)
-                cache = copy.deepcopy(full)
-                recorder.compress_at(label, cache, fixed_ratio)
-                fixed_kept.append(kept_fraction(cache))
-                run["fixed"] = answer(model, tokenizer, cache, context_ids, suffix_ids, run["sample"],
-                                      args.max_new_tokens)
-                run["q_fixed"] = run["nll_full"] / answer_nll(model, cache, suffix_ids, answer_ids)
-        n = len(runs)
-        mean = {key: sum(r[key] for r in runs) / n for key in ("full", "calibrated", "fixed", "q_calibrated",
-                                                               "q_fixed", "context_nll")}
-        rows.append((length, n, sum(kept) / n, sum(fixed_kept) / n, mean))
+                for quality, ratio in fixed_ratios.items():
+                    cache = copy.deepcopy(full)
+                    recorder.compress_at(label, cache, ratio)
+                    run[quality, "kept", "fixed"] = kept_fraction(cache)
+                    run[quality, "score", "fixed"] = answer(model, tokenizer, cache, context_ids, suffix_ids,
+                                                            run["sample"], args.max_new_tokens)
+                    run[quality, "nll", "fixed"] = run["nll_full"] / answer_nll(model, cache, suffix_ids, answer_ids)
+        mean = {key: sum(r[key] for r in runs) / n for key in runs[0] if key not in ("sample", "ids")}
+        rows.append((length, n, mean))
         print(f"length {length}: done ({n} samples, mean context NLL {mean['context_nll']:.3f})", flush=True)
 
-    print("\n| length | samples | kept (calibrated) | kept (fixed) | score full | score calibrated | score fixed "
-          "| calibrated / full | fixed / full | NLL-quality calibrated | NLL-quality fixed |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for length, n, kept_cal, kept_fix, m in rows:
-        relative = [f"{100 * m[k] / m['full']:.1f}%" if m["full"] else "–" for k in ("calibrated", "fixed")]
-        print(f"| {length} | {n} | {kept_cal:.3f} | {kept_fix:.3f} | {100 * m['full']:.1f} "
-              f"| {100 * m['calibrated']:.1f} | {100 * m['fixed']:.1f} | {relative[0]} | {relative[1]} "
-              f"| {m['q_calibrated']:.3f} | {m['q_fixed']:.3f} |")
+    print("\n| length | samples | quality target | kept (calibrated) | kept (fixed) | score full | score calibrated "
+          "| score fixed | calibrated / full | fixed / full | NLL-quality calibrated | NLL-quality fixed |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for length, n, m in rows:
+        for quality in args.quality:
+            relative = [f"{100 * m[quality, 'score', k] / m['full']:.1f}%" if m["full"] else "–"
+                        for k in ("calibrated", "fixed")]
+            print(f"| {length} | {n} | {quality} | {m[quality, 'kept', 'calibrated']:.3f} "
+                  f"| {m[quality, 'kept', 'fixed']:.3f} | {100 * m['full']:.1f} "
+                  f"| {100 * m[quality, 'score', 'calibrated']:.1f} | {100 * m[quality, 'score', 'fixed']:.1f} "
+                  f"| {relative[0]} | {relative[1]} | {m[quality, 'nll', 'calibrated']:.3f} "
+                  f"| {m[quality, 'nll', 'fixed']:.3f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ interpreter setting (read when a kernel module is imported) never leaks into oth
 from __future__ import annotations
 
 import importlib
-
 import os
 import subprocess
 import sys

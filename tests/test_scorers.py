@@ -497,7 +497,8 @@ def test_query_capture_wraps_sdpa_only_while_a_press_is_active():
 
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     first, second = get_model("llama"), get_model("qwen3")
-    one, two = kvpress_like.press(first, kvpress_like.KnormPress(0.5)), kvpress_like.press(second, kvpress_like.KnormPress(0.5))
+    one = kvpress_like.press(first, kvpress_like.KnormPress(0.5))
+    two = kvpress_like.press(second, kvpress_like.KnormPress(0.5))
     one.__enter__()
     two.__enter__()
     assert ALL_ATTENTION_FUNCTIONS["sdpa"].wrapped is original

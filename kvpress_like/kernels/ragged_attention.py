@@ -14,8 +14,8 @@ Three paths, same result:
   variable-length sequence (its real entries packed back to back, tail padding left out), the group's query heads as
   heads, queries of padding tokens left out;
 * on CPU (when the new tokens are all in the tail, as after a :class:`~kvpress_like.cache.RaggedLayer` update): per
-  key set, logits (fp32, or fp64 for fp64 inputs) over its flat segment (a view, nothing copied) and over its tail, one softmax, two products;
-  a decoding step then never copies the cache;
+  key set, logits (fp32, or fp64 for fp64 inputs) over its flat segment (a view, nothing copied) and over its
+  tail, one softmax, two products; a decoding step then never copies the cache;
 * otherwise PyTorch: the key sets gathered into a padded ``[B, H_kv, L_max + T, D]`` batch and one masked
   ``scaled_dot_product_attention`` with the group's query heads stacked along the query axis (keys never repeated).
 
@@ -163,7 +163,8 @@ def _segment_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _
     lengths = sets.lengths.flatten().tolist()
     visible = sets.tail_valid[:, None, :].expand(b, q, t)  # [B, q, T]: tail entries each new token sees
     if sets.causal:
-        visible = visible & (torch.arange(t, device=query.device) <= torch.arange(t - q, t, device=query.device)[:, None])
+        own = torch.arange(t - q, t, device=query.device)  # each new token's tail position
+        visible = visible & (torch.arange(t, device=query.device) <= own[:, None])
     for row in range(b):
         hidden = ~visible[row].repeat(g, 1)  # [G * q, T], rows in (head, token) order
         for h in range(h_kv):

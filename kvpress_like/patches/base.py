@@ -72,7 +72,8 @@ def _fused_rows(attn: nn.Module, which: str) -> slice:
 
 
 def from_projection(attn: nn.Module, projected: torch.Tensor, which: str) -> torch.Tensor:
-    """Pre-RoPE queries or keys ``[B, H, S, D]`` from the output ``[B, S, out]`` of ``projection_module(attn, which)``."""
+    """Pre-RoPE queries or keys ``[B, H, S, D]`` from the output ``[B, S, out]`` of
+    ``projection_module(attn, which)``."""
     if hasattr(attn, "qkv_proj"):
         projected = projected[..., _fused_rows(attn, which)]
     return _project(attn, projected, which, projected=True)
