@@ -38,12 +38,12 @@ from .press import LayerContext, Press, select_top, store
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
 _HOOKED: weakref.WeakKeyDictionary[nn.Module, _LayerHooks] = weakref.WeakKeyDictionary()  # attention module -> hooks
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_WRAPPED = "sdpa"  # the attention function wrapped to capture post-RoPE queries (eager is each model's own function)
+_WRAPPED = "sdpa"  # the attention function wrapped while a press is active (eager is each model's own function)
 _wrapping_lock = threading.Lock()
 _wrapping: dict = {"users": 0, "previous": None}
 
 
-def _capture_queries(original):
+def _wrapped_attention(original):
     """``original`` attention function, noting the post-RoPE queries ``[B, H_q, S, D]`` of hooked layers' prefill
     and attending over ragged layers as stored (see the module docstring)."""
 
@@ -66,7 +66,7 @@ def _wrap_attention(delta: int) -> None:
         _wrapping["users"] += delta
         if delta > 0 and _wrapping["users"] == 1:
             _wrapping["previous"] = ALL_ATTENTION_FUNCTIONS._local_mapping.get(_WRAPPED)
-            ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _capture_queries(ALL_ATTENTION_FUNCTIONS[_WRAPPED])
+            ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapped_attention(ALL_ATTENTION_FUNCTIONS[_WRAPPED])
         elif delta < 0 and _wrapping["users"] == 0:
             if _wrapping["previous"] is None:
                 del ALL_ATTENTION_FUNCTIONS[_WRAPPED]
@@ -156,7 +156,7 @@ class _LayerHooks:
 
     def before(self, module: nn.Module, args, kwargs):
         cache = cache_in(kwargs)
-        self.is_prefill = False
+        self.is_prefill, self.ragged = False, None  # (also after a forward that raised)
         if cache is None:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
@@ -171,11 +171,12 @@ class _LayerHooks:
         q = hidden.shape[1]
         incoming = kwargs.get("attention_mask")
         layer.pending_valid = valid_tokens(incoming, hidden.shape[0], q, hidden.device)
-        if isinstance(layer, RaggedLayer) and module.config._attn_implementation == _WRAPPED and getattr(
-                module.config, "attn_logit_softcapping", None) is None:
-            self.ragged, layer.skip_padded_view = layer, True  # the wrapped attention function reads the layer
-            kwargs["attention_mask"] = None
-            return args, kwargs
+        if isinstance(layer, RaggedLayer):
+            layer.skip_padded_view = module.config._attn_implementation == _WRAPPED and getattr(
+                module.config, "attn_logit_softcapping", None) is None
+            if layer.skip_padded_view:  # the wrapped attention function reads the layer as stored
+                self.ragged, kwargs["attention_mask"] = layer, None
+                return args, kwargs
         eager = module.config._attn_implementation == "eager"
         groups = module.config.num_attention_heads // module.config.num_key_value_heads
         kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
