@@ -14,8 +14,9 @@ Reported: tokens/s, ms per token, the speed-up over the full cache (measured in 
 prefill (``kvpress_like.cache_bytes``) and the 1-minute load average. Unless ``--no-split``, one more (instrumented,
 untimed-for-the-table) decoding run per configuration splits a step's time into: the attention modules (of which:
 the press's hooks, of which building the per-layer attention mask; the cache update, i.e. ``Cache.update``, which
-appends the new token and for a ragged layer builds the padded view; the attention kernel, i.e. the function in
-``ALL_ATTENTION_FUNCTIONS``; the rest: q/k/v/o projections, RoPE, reshapes), the MLPs, the model-level causal mask
+appends the new token (and, for a ragged layer under eager attention, builds the padded view); the attention kernel,
+i.e. the function in ``ALL_ATTENTION_FUNCTIONS`` as wrapped by the press (under sdpa it attends over a ragged layer's
+flat storage itself); the rest: q/k/v/o projections, RoPE, reshapes), the MLPs, the model-level causal mask
 (``create_causal_mask``), the LM head and everything else (embedding, norms, residuals, Python overhead). The
 instrumentation wraps those functions with ``time.perf_counter`` (a few microseconds per call).
 
@@ -37,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -46,7 +45,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import transformers
+from common import context_ids, load_average, machine_line, parse_press
 from transformers import DynamicCache
 
 import kvpress_like
@@ -55,39 +54,6 @@ from kvpress_like.eval.model import load_model
 
 MIB = 2**20
 DEFAULT_PRESSES = ["compactor", "knorm", "compactor:allocator=head_adaptive"]
-
-
-def parse_press(spec: str) -> tuple[str, dict]:
-    """``"name:key=value,key=value"`` -> ``(name, kwargs)`` (values parsed as int, float, bool, None or str)."""
-    name, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"press {spec!r}: expected key=value after ':', got {item!r}")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False, "none": None}.get(value.lower(), value)
-        kwargs[key] = value
-    return name, kwargs
-
-
-def context_ids(kind: str, length: int, vocab_size: int, tokenizer, seed: int) -> torch.Tensor:
-    """``[1, length]`` context token ids: random (ids >= 100, no special tokens) or the start of the essays."""
-    if kind == "random":
-        return torch.randint(100, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    from kvpress_like.eval.sample import haystack_text, truncate_to_tokens
-
-    text = truncate_to_tokens(tokenizer, haystack_text(), length + 8)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise SystemExit(f"the essay text has only {ids.shape[1]} tokens, fewer than --length {length}")
-    return ids
 
 
 @dataclass
@@ -195,8 +161,6 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
 
     split = Split()
     impl = model.config._attn_implementation
-    attention_fn = ALL_ATTENTION_FUNCTIONS[impl]
-    had_local = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
     modeling = sys.modules[type(model.model).__module__]
     cache_type = type(config.cache)
     token = config.first_token
@@ -212,12 +176,15 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
         if hasattr(modeling, "create_causal_mask"):
             stack.enter_context(patched(modeling, "create_causal_mask",
                                         split.wrap("model mask", modeling.create_causal_mask)))
+        stack.enter_context(config.installed(model))
+        # after the press is entered: its sdpa wrapper (which attends over ragged layers itself) is what is timed
+        attention_fn = ALL_ATTENTION_FUNCTIONS[impl]
+        had_local = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
         ALL_ATTENTION_FUNCTIONS[impl] = split.wrap("attention kernel", attention_fn)
         if had_local:
             stack.callback(ALL_ATTENTION_FUNCTIONS.__setitem__, impl, attention_fn)
         else:
             stack.callback(ALL_ATTENTION_FUNCTIONS.__delitem__, impl)
-        stack.enter_context(config.installed(model))
         for layer in model.model.layers:
             split.hook_module("attention module", layer.self_attn, stack)
             split.hook_module("mlp", layer.mlp, stack)
@@ -246,20 +213,6 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------- the driver
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def machine_line() -> str:
-    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-            f"python {platform.python_version()} | torch {torch.__version__} | transformers "
-            f"{transformers.__version__} | kvpress-like {kvpress_like.__version__} | threads {torch.get_num_threads()} "
-            f"| load average {load_average():.2f}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=8192, help="context tokens (default 8192)")

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from common import status_field
+
 from kvpress_like.cache import CACHE_KWARG
 
 MIB = 1024 * 1024
@@ -43,23 +45,15 @@ def rss_now() -> int:
 
         return psutil.Process().memory_info().rss
     except ImportError:
-        return _status_field("VmRSS")
+        return status_field("VmRSS")
 
 
 def rss_peak() -> int:
     """Peak resident set size in bytes since start (or since the last :func:`reset_peak`)."""
     try:
-        return _status_field("VmHWM")
+        return status_field("VmHWM")
     except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-def _status_field(name: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(name)
 
 
 def reset_peak() -> bool:

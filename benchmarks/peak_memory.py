@@ -52,7 +52,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -60,24 +59,17 @@ import threading
 import time
 from contextlib import nullcontext
 
+from common import context_ids, load_average, machine_line, parse_press, status_field
+
 MIB = 2**20
 DEFAULT_CONFIGS = ["none", "compactor", "snapkv", "knorm", "compactor:allocator=head_adaptive"]
 
 
 # ----------------------------------------------------------------------------------------------------- memory probes
-def _status_field(name: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` in bytes."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(name)
-
-
 def rss_now() -> int:
     """Current resident set size in bytes."""
     try:
-        return _status_field("VmRSS")
+        return status_field("VmRSS")
     except (OSError, KeyError):
         import psutil
 
@@ -87,7 +79,7 @@ def rss_now() -> int:
 def _file_rss() -> int | None:
     """File-backed resident bytes (``RssFile``), ``None`` where unavailable."""
     try:
-        return _status_field("RssFile")
+        return status_field("RssFile")
     except (OSError, KeyError):
         return None
 
@@ -103,7 +95,7 @@ def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-        _status_field("VmHWM")
+        status_field("VmHWM")
         return True
     except (OSError, KeyError):
         return False
@@ -155,42 +147,13 @@ def tensor_peaks(prof) -> dict:
 # ----------------------------------------------------------------------------------------------------- the worker
 def parse_config(spec: str) -> tuple[str | None, dict, int | None]:
     """``"name:key=value,key=value"`` -> ``(press name or None for "none", press kwargs, chunk size or None)``."""
-    name, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"configuration {spec!r}: expected key=value after ':', got {item!r}")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False, "none": None}.get(value.lower(), value)
-        kwargs[key] = value
+    name, kwargs = parse_press(spec)
     chunk_size = kwargs.pop("chunk_size", None)
     if name == "none":
         if kwargs or chunk_size:
             raise SystemExit(f"configuration {spec!r}: 'none' takes no arguments")
         return None, {}, None
     return name, kwargs, chunk_size
-
-
-def context_ids(kind: str, length: int, vocab_size: int, tokenizer, seed: int):
-    """``[1, length]`` context token ids: random (ids >= 100, no special tokens) or the start of the essays."""
-    import torch
-
-    if kind == "random":
-        return torch.randint(100, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    from kvpress_like.eval.sample import haystack_text, truncate_to_tokens
-
-    text = truncate_to_tokens(tokenizer, haystack_text(), length + 8)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise SystemExit(f"the essay text has only {ids.shape[1]} tokens, fewer than --length {length}")
-    return ids
 
 
 def prefill_and_decode(model, p, chunk_size, ids, steps: int, annotate: bool = False):
@@ -288,7 +251,7 @@ def worker(spec: str, args) -> dict:
     before_run, file_before = rss_now(), _file_rss()
     with nullcontext() if exact else RssSampler() as sampler:
         cache, kv_prefill, prefill_s, decode_s = prefill_and_decode(model, p, chunk_size, ids, args.steps)
-    peak_rss = _status_field("VmHWM") if exact else sampler.peak
+    peak_rss = status_field("VmHWM") if exact else sampler.peak
     probe.remove()
     result = {
         "config": spec, "after_load": after_load, "load_peak": load_peak, "before_run": before_run,
@@ -311,27 +274,6 @@ def worker(spec: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the driver
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def machine_line(threads: int | None) -> str:
-    import torch
-    import transformers
-
-    import kvpress_like
-
-    if threads:
-        torch.set_num_threads(threads)
-    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-            f"python {platform.python_version()} | torch {torch.__version__} | transformers "
-            f"{transformers.__version__} | kvpress-like {kvpress_like.__version__} | threads {torch.get_num_threads()} "
-            f"| load average {load_average():.2f}")
-
-
 def mib(value) -> str:
     return "–" if value is None else f"{value / MIB:.1f}"
 

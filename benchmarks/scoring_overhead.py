@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import os
-import platform
 import time
 
 import torch
-import transformers
+from common import load_average, machine_line
 from transformers import DynamicCache
 
 import kvpress_like
@@ -115,21 +113,6 @@ def prefill_presses(requested: list[str] | None, ratio: float) -> tuple[list[str
             continue
         names.append(name)
     return names, skipped
-
-
-def load_average() -> float:
-    """1-minute load average (NaN where unavailable): above the thread count, other processes compete for the cores."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def machine_line() -> str:
-    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-            f"python {platform.python_version()} | torch {torch.__version__} | "
-            f"transformers {transformers.__version__} | threads {torch.get_num_threads()} | "
-            f"load average {load_average():.2f}")
 
 
 def main(argv=None) -> None:

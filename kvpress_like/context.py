@@ -69,7 +69,7 @@ def _wrap_attention(delta: int) -> None:
             ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapped_attention(ALL_ATTENTION_FUNCTIONS[_WRAPPED])
         elif delta < 0 and _wrapping["users"] == 0:
             if _wrapping["previous"] is None:
-                del ALL_ATTENTION_FUNCTIONS[_WRAPPED]
+                ALL_ATTENTION_FUNCTIONS._local_mapping.pop(_WRAPPED, None)
             else:
                 ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapping["previous"]
 
