@@ -167,15 +167,19 @@ def _segment_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _
         visible = visible & (torch.arange(t, device=query.device) <= own[:, None])
     for row in range(b):
         hidden = ~visible[row].repeat(g, 1)  # [G * q, T], rows in (head, token) order
+        masked = bool(hidden.any())
+        scaled = query[row].reshape(h_kv, g * q, -1).to(dtype) * scale  # [H_kv, G * q, D]
         for h in range(h_kv):
             start, length = starts[row * h_kv + h], lengths[row * h_kv + h]
-            queries = query[row, h * g:(h + 1) * g].reshape(g * q, -1).to(dtype)  # [G * q, D]
+            queries = scaled[h]
             keys, values = flat_keys[start:start + length].to(dtype), flat_values[start:start + length].to(dtype)
             logits = queries @ keys.T
             if t:
-                tail = (queries @ tail_keys[row, h].to(dtype).T).masked_fill_(hidden, float("-inf"))
-                logits = torch.cat([logits, tail], dim=-1)
-            weights = torch.softmax(logits.mul_(scale), dim=-1).nan_to_num_(0.0)  # a set with nothing visible: 0
+                tail = queries @ tail_keys[row, h].to(dtype).T
+                logits = torch.cat([logits, tail.masked_fill_(hidden, float("-inf")) if masked else tail], dim=-1)
+            weights = torch.softmax(logits, dim=-1)
+            if length == 0:
+                weights.nan_to_num_(0.0)  # nothing visible: 0
             result = weights[:, :length] @ values
             if t:
                 result += weights[:, length:] @ tail_values[row, h].to(dtype)
