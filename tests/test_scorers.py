@@ -672,8 +672,8 @@ def test_non_causal_attention_padding_anywhere_and_small_blocks(monkeypatch, blo
 
 
 def test_scorers_same_scores_for_any_thread_count_and_mode():
-    """The CPU work is split over torch's thread count: same scores with 1 or 2 threads, in inference mode and under
-    CPU autocast (scored in fp32 all the same); the caller's thread count is restored and errors propagate."""
+    """Same scores with 1 or 2 torch threads, in inference mode and under CPU autocast (scored in fp32 all the same);
+    bad shapes raise."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 300, 8, generator=generator)
     k = torch.randn(2, 2, 300, 8, generator=generator)

@@ -15,16 +15,12 @@ Implementation (the formula above, in fp32): on the PyTorch path each row is sco
 chunks need no roll and no filler; the chunks of one KV group are processed a few at a time (``BLOCK_BYTES`` of
 attention weights, so ``Q_c K_c^T``, the in-place softmax and the column sums stay in a core's cache in one reused
 buffer), the scale is applied inside the matrix product (``baddbmm``), the shorter last chunk is scored on its own,
-and only rows with padding after a real token are masked. On CPU the blocks are split over ``torch.get_num_threads()``
-threads, each running single-threaded operations (see :func:`split_over_threads`).
+and only rows with padding after a real token are masked.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +80,8 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
             ]
             if tail:  # the shorter last chunk, on its own: no filler tokens to mask
                 blocks.append((row, h, first + full * chunk_size, 1, tail, masked))
-    split_over_threads(partial(_score_blocks, queries, keys, valid, scale, g, out), blocks, keys.device)
+    with torch.autocast(keys.device.type, enabled=False):  # fp32 products even inside an autocast region
+        _score_blocks(queries, keys, valid, scale, g, out, blocks)
     return out.div_(g)
 
 
@@ -112,52 +109,6 @@ def _score_blocks(queries, keys, valid, scale: float, g: int, out: torch.Tensor,
         if masked:
             w.masked_fill_(~real[None, :, :, None], 0.0)  # padding queries give none (their rows may be NaN)
         torch.sum(w, (0, 2), out=out[row, h, tokens].view(m, size))
-
-
-def _thread_count(device: torch.device, items: int) -> int:
-    """Threads :func:`split_over_threads` uses for ``items`` work items: torch's thread count on CPU, else 1."""
-    return max(1, min(torch.get_num_threads(), items)) if device.type == "cpu" else 1
-
-
-def split_over_threads(work: Callable[[list], None], items: list, device: torch.device) -> None:
-    """Run ``work(share)`` on ``T = _thread_count(device, len(items))`` interleaved shares of ``items``, each in its own
-    thread (the caller's thread takes the first) whose torch operations are single-threaded.
-
-    Scoring is many small operations; parallelising each of them (torch's default) costs a thread barrier per
-    operation, which is cheap on an idle machine but can stall for a scheduler time slice each when other processes
-    compete for the cores. Here the threads only meet once, at the end. ``work`` must write disjoint outputs for
-    different items and not depend on the thread count; it runs without gradients and without autocast, in the
-    caller's inference mode. The caller's thread count is restored and the first error is re-raised.
-    """
-    threads = _thread_count(device, len(items))
-    inference = torch.is_inference_mode_enabled()
-    if threads <= 1:
-        if items:
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                work(items)
-        return
-    errors = []
-
-    def run(share: list) -> None:
-        torch.set_num_threads(1)  # this thread's torch operations run on this thread only
-        try:
-            with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", enabled=False):
-                work(share)
-        except BaseException as error:  # re-raised in the caller's thread
-            errors.append(error)
-
-    previous = torch.get_num_threads()
-    workers = [threading.Thread(target=run, args=(items[i::threads],), daemon=True) for i in range(1, threads)]
-    try:
-        for worker in workers:
-            worker.start()
-        run(items[0::threads])
-    finally:
-        for worker in workers:
-            worker.join()
-        torch.set_num_threads(previous)
-    if errors:
-        raise errors[0]
 
 
 def _triton_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
