@@ -507,8 +507,6 @@ def build_parser() -> argparse.ArgumentParser:
         "before and after compression and the times. Without --context-file, a built-in needle-in-a-haystack "
         "sample is used.",
     )
-    run.add_argument("--model", default="default",
-                     help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
     run.add_argument("--press", default="compactor",
                      help="registered press name (kvpress-like presses; default: compactor, query-agnostic)")
     run.add_argument("--ratio", type=_ratio_arg, default=0.5,
@@ -527,8 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--depth", type=float, default=0.5, help="needle depth of the built-in sample in [0, 1]")
     run.add_argument("--question", help="question asked after the context (default: the sample's question)")
     run.add_argument("--max-new-tokens", type=int, default=32, help="decoding budget (default: 32)")
-    run.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (stage messages still go to stderr)")
+    _add_model_args(run, "no progress bar (stage messages still go to stderr)")
     run.add_argument("--json", action="store_true", help="print the measurements as JSON")
     run.add_argument("--decode-budget", type=int, metavar="N",
                      help="also compress while decoding: keep N entries per head, compressing every --decode-interval")
@@ -546,8 +543,6 @@ def build_parser() -> argparse.ArgumentParser:
         "running the same command again). Prints a summary table, writes OUTPUT/summary.md and a PNG plot of "
         "score versus kept fraction.",
     )
-    ev.add_argument("--model", default="default",
-                    help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
     ev.add_argument("--presses", nargs="+", default=["compactor", "snapkv"], metavar="PRESS",
                     help="press names, optionally with parameters: name:key=value,key=value "
                     "(default: compactor snapkv)")
@@ -563,8 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
     ev.add_argument("--output", metavar="DIR", help="results directory (default: eval_results/MODEL)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="decoding budget (default: each task's)")
-    ev.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     cal = sub.add_parser(
@@ -575,16 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
         "b = alpha * NLL(context) + beta, and save the parameters as JSON for CalibratedPress(params=FILE).",
     )
     cal.add_argument("--press", nargs="+", default=["compactor"], help="press names (default: compactor)")
-    cal.add_argument("--model", default="default",
-                     help="'default' (embedded SmolLM2-135M-Instruct) or a local model directory (default: default)")
     cal.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="context lengths in tokens")
     cal.add_argument("--samples", type=int, default=3, help="samples per task and length (default: 3)")
     cal.add_argument("--seed", type=int, default=1_000_003, help="seed of the calibration samples")
     cal.add_argument("--output", default="calibration.json", help="output JSON file (default: calibration.json)")
-    cal.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
-    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_args(cal)
     cal.set_defaults(func=cmd_calibrate)
     return parser
+
+
+def _add_model_args(command, progress_help: str = "no progress bar") -> None:
+    """``--model``, ``--dtype`` and ``--no-progress``, shared by the commands that load a model."""
+    command.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a local "
+                         "model directory (default: default)")
+    command.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: float32)")
+    command.add_argument("--no-progress", action="store_true", help=progress_help)
 
 
 def main(argv: list[str] | None = None) -> int:
