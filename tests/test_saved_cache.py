@@ -35,7 +35,7 @@ from kvpress_like import (
     press_from_dict,
     save_cache,
 )
-from kvpress_like.cache import CACHE_KWARG
+from kvpress_like.cache import CACHE_KWARG, tensor_bytes
 from kvpress_like.pipeline import answer_on_cache
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -391,6 +391,23 @@ def test_file_size_is_the_cache_size(name, tmp_path):
     cache = prefill(model, p, ids)
     save_cache(tmp_path / "c.kvc", cache, model, ids, p)
     assert (tmp_path / "c.kvc").stat().st_size <= cache_bytes(cache) + ids.numel() * 8 + 16 * 1024
+
+
+def test_file_holds_only_the_entries_after_decoding(tmp_path):
+    """After decoding, a compressed layer's keys/values are views of storage with room reserved for more tokens; the
+    file holds the entries, not the reserved room."""
+    spec, make_press = CASES["dense"]
+    model, p = cached_tiny_model(**spec), make_press()
+    ids = random_ids(1000, seed=3)
+    cache = prefill(model, p, ids)
+    with torch.no_grad(), press(model, p):
+        model(torch.tensor([[7]]), **{CACHE_KWARG: cache})
+    layers = [layer for layer in cache.layers if isinstance(layer, CompressedLayer)]
+    reserved = sum(layer.nbytes() - sum(tensor_bytes(t) for t in (layer.keys, layer.values, layer.valid))
+                   for layer in layers)
+    assert reserved > 16 * 1024  # room for 64 more tokens per layer: more than the file's overhead allowed below
+    save_cache(tmp_path / "c.kvc", cache, model, torch.cat([ids, torch.tensor([[7]])], dim=1), p)
+    assert (tmp_path / "c.kvc").stat().st_size <= cache_bytes(cache) - reserved + (ids.numel() + 1) * 8 + 16 * 1024
 
 
 def test_not_a_cache_file_is_rejected(tmp_path):
