@@ -52,12 +52,12 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     queries = ctx.queries(last=window).float()
     w = queries.shape[2]
     queries = queries.view(b, h_kv, ctx.num_kv_groups, w, d)
-    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys) * ctx.module.scaling
+    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys).mul_(ctx.module.scaling)
     query_pos = torch.arange(s - w, s, device=keys.device)
     allowed = torch.arange(s, device=keys.device)[None, :] <= query_pos[:, None]  # [W, S]
     allowed = allowed[None, None, None] & ctx.valid[:, None, None, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    logits.masked_fill_(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1, out=logits).nan_to_num_(0.0)  # in place
 
 
 @dataclass
