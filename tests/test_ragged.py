@@ -242,6 +242,27 @@ def test_multi_token_forward_on_ragged_cache_equals_token_by_token(impl, atol):
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=atol)
 
 
+def test_gemma3_ragged_decoding_same_under_sdpa_and_eager():
+    """Gemma3 (its own attention scale, sliding-window layers left uncompressed): decoding on ragged layers through
+    the sdpa wrapper (flat storage, the scale it is passed) gives the logits of the eager path (padded view and
+    per-head mask)."""
+    ids = random_ids(40, seed=11)
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        model = cached_tiny_model("gemma3", impl, **INIT)
+        cache = DynamicCache(config=model.config)
+        steps = []
+        with torch.no_grad(), press(model, KEY_PRESSES["compactor"]()):
+            out = model(ids, **{CACHE_KWARG: cache})
+            for _ in range(4):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, **{CACHE_KWARG: cache})
+                steps.append(out.logits[:, -1])
+        assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+        logits[impl] = torch.stack(steps)
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_sdpa_decoding_attends_over_ragged_storage_without_the_padded_view(impl, monkeypatch):
     """With sdpa, a decoding step on a ragged layer never builds the padded view or the per-head mask (the wrapped
