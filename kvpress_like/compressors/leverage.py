@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import use_triton
+from ..kernels import leverage_scores as fused_leverage_scores
 from ..press import LayerContext, Press
 
 
@@ -42,10 +42,22 @@ def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 
     Returns:
         ``[B, H, S]`` fp32 scores, each in ``[0, 1]``.
     """
+    fused = fused_leverage_scores(keys, valid, sketch_size, seed)  # Triton on CUDA, else None
+    if fused is not None:
+        return fused
     d = keys.shape[-1]
     sketch = gaussian_sketch(d, sketch_size, seed, keys.device) if sketch_size < d else None
     with torch.autocast(keys.device.type, enabled=False):  # fp32 products even inside an autocast region
         return _leverage(keys, valid, sketch)
+
+
+def inverse_cholesky(gram: torch.Tensor) -> torch.Tensor:
+    """``L^{-1}`` ``[..., k, k]`` for the regularised Gram matrix ``G + (1e-4 tr(G) / k + 1e-6) I = L L^T``."""
+    k = gram.shape[-1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    eye = torch.eye(k, device=gram.device, dtype=gram.dtype)
+    chol = torch.linalg.cholesky(gram + (1e-4 * trace / k + 1e-6) * eye)
+    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
 def _leverage(keys: torch.Tensor, valid: torch.Tensor, sketch: torch.Tensor | None) -> torch.Tensor:
@@ -64,18 +76,8 @@ def _leverage(keys: torch.Tensor, valid: torch.Tensor, sketch: torch.Tensor | No
         centred = keys.sub_(keys.sum(-2, keepdim=True) / n_real).mul_(valid[:, None, :, None])
     else:
         centred = keys.sub_(keys.mean(-2, keepdim=True))
-    gram = centred.transpose(-1, -2) @ centred  # [B, H, k, k]
-    k = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    gram = gram + (1e-4 * trace / k + 1e-6) * torch.eye(k, device=gram.device)
-    chol = torch.linalg.cholesky(gram)  # G = L L^T
-    if use_triton(centred):
-        from ..kernels.leverage_triton import quadratic_form
-
-        return quadratic_form(centred, chol)
-    # k_hat_i^T G^-1 k_hat_i = ||L^-1 k_hat_i||^2: one small k x k triangular inverse, then one matmul over the tokens
-    eye = torch.eye(k, device=gram.device).expand_as(chol)
-    inverse = torch.linalg.solve_triangular(chol, eye, upper=False)  # [B, H, k, k] = L^-1
+    inverse = inverse_cholesky(centred.transpose(-1, -2) @ centred)  # L^-1 of the [B, H, k, k] Gram matrix
+    # k_hat_i^T G^-1 k_hat_i = ||L^-1 k_hat_i||^2: one matrix product over the tokens
     return (centred @ inverse.transpose(-1, -2)).square_().sum(-1)
 
 

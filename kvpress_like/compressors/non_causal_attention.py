@@ -23,12 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..kernels import use_triton
+from ..kernels import non_causal_attention_scores as fused_column_sums
 from ..press import LayerContext, Press
 from .snapkv import pool
-
 
 def roll_rows(x: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
     """Rotate each row ``b`` of ``x`` left by ``shift[b]`` along ``dim`` (``shift`` ``[B]``, ``x`` batch-first).
@@ -61,8 +59,9 @@ def non_causal_attention_scores(queries, keys, valid, scale: float, chunk_size: 
         ``[B, H_kv, S]`` fp32: attention each key receives from the real queries of its chunk, averaged over the
         ``H_q / H_kv`` query heads of its group; 0 on padding.
     """
-    if use_triton(keys):
-        return _triton_scores(queries, keys, valid, scale, chunk_size)
+    fused = fused_column_sums(queries, keys, valid, scale, chunk_size)  # Triton on CUDA, else None
+    if fused is not None:
+        return fused
     b, h_q, s, _ = queries.shape
     h_kv = keys.shape[1]
     g = h_q // h_kv
@@ -109,26 +108,6 @@ def _score_blocks(queries, keys, valid, scale: float, g: int, out: torch.Tensor,
         if masked:
             w.masked_fill_(~real[None, :, :, None], 0.0)  # padding queries give none (their rows may be NaN)
         torch.sum(w, (0, 2), out=out[row, h, tokens].view(m, size))
-
-
-def _triton_scores(queries, keys, valid, scale: float, chunk_size: int) -> torch.Tensor:
-    """Triton path: rows rolled so chunks start at index 0, padded to whole chunks, masked in the kernel."""
-    b, h_q, s, d = queries.shape
-    h_kv = keys.shape[1]
-    g = h_q // h_kv
-    padded = not bool(valid.all())
-    pad = (~valid).long().cumprod(-1).sum(-1)  # left padding of each row: chunks start at its first real token
-    if padded:
-        queries, keys, valid = roll_rows(queries, pad, 2), roll_rows(keys, pad, 2), roll_rows(valid, pad, 1)
-    n_chunks = -(-s // chunk_size)
-    extra = n_chunks * chunk_size - s  # pad to whole chunks with non-real tokens
-    queries = F.pad(queries.float(), (0, 0, 0, extra)).view(b, h_kv, g, n_chunks, chunk_size, d)
-    keys = F.pad(keys.float(), (0, 0, 0, extra)).view(b, h_kv, n_chunks, chunk_size, d)
-    valid = F.pad(valid, (0, extra)).view(b, 1, n_chunks, chunk_size)
-    from ..kernels.non_causal_triton import chunk_column_sums
-
-    out = chunk_column_sums(queries, keys, valid, scale).view(b, h_kv, -1)[..., :s]
-    return roll_rows(out, -pad, 2) if padded else out
 
 
 @dataclass

@@ -12,8 +12,7 @@ own dtype and computing in fp32, the ``[S, k]`` sketched keys never materialised
    block of rows.
 
 Centring the keys before the sketch equals centring the sketched keys (the sketch is linear) and avoids the
-cancellation of ``sum x x^T - n mean mean^T``. :func:`quadratic_form` is the last step alone, on already centred
-sketched keys.
+cancellation of ``sum x x^T - n mean mean^T``.
 """
 
 from __future__ import annotations
@@ -123,15 +122,6 @@ def _rows_per_program(rows: int, splits: int) -> int:
     return triton.cdiv(triton.cdiv(max(rows, 1), splits), _BLOCK_S) * _BLOCK_S
 
 
-def _inverse_transposed_cholesky(gram: torch.Tensor) -> torch.Tensor:
-    """``L^{-T}`` of the regularised ``[..., k, k]`` Gram matrix ``G = L L^T`` (regularised as the reference)."""
-    k = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    eye = torch.eye(k, device=gram.device, dtype=gram.dtype)
-    chol = torch.linalg.cholesky(gram + (1e-4 * trace / k + 1e-6) * eye)
-    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).transpose(-1, -2)
-
-
 def leverage_scores_triton(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 48,
                            seed: int = 0) -> torch.Tensor:
     """Approximate leverage score of every token (Triton; same result as the PyTorch reference).
@@ -145,7 +135,7 @@ def leverage_scores_triton(keys: torch.Tensor, valid: torch.Tensor, sketch_size:
     Returns:
         ``[B, H, S]`` fp32 scores, each in ``[0, 1]``.
     """
-    from ..compressors.leverage import gaussian_sketch
+    from ..compressors.leverage import gaussian_sketch, inverse_cholesky
 
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         keys = keys.float()
@@ -175,37 +165,9 @@ def leverage_scores_triton(keys: torch.Tensor, valid: torch.Tensor, sketch_size:
     _centred_gram[grid](keys, valid_i8, mean, phi, grams, h, s, d, width, rows, splits, *strides,
                         HAS_SKETCH=sketched, BLOCK_S=_BLOCK_S, BLOCK_D=block_d, BLOCK_K=_block(width))
 
-    inverse_t = _inverse_transposed_cholesky(grams.sum(1))  # [B * H, k, k] = L^-T
+    inverse_t = inverse_cholesky(grams.sum(1)).transpose(-1, -2)  # [B * H, k, k] = L^-T
     a = (phi @ inverse_t if sketched else inverse_t).contiguous()  # [B * H, D, k]
     _leverage_rows[(b * h, triton.cdiv(s, _BLOCK_S))](keys, valid_i8, mean, a, out, h, s, d, width,
                                                       *strides, BLOCK_S=_BLOCK_S, BLOCK_D=block_d,
                                                       BLOCK_K=_block(width))
-    return out
-
-
-def quadratic_form(centred: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
-    """``x_i^T G^{-1} x_i`` for every row, given the Cholesky factor of ``G`` (the reference's last step).
-
-    Args:
-        centred: ``[B, H, S, k]`` centred sketched keys (0 on padding), any float dtype, any strides.
-        cholesky: ``[B, H, k, k]`` lower Cholesky factor ``L`` of the regularised Gram matrix ``G = L L^T``.
-
-    Returns:
-        ``[B, H, S]`` fp32, ``>= 0``.
-    """
-    if centred.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        centred = centred.float()
-    b, h, s, k = centred.shape
-    device = centred.device
-    out = torch.zeros(b, h, s, dtype=torch.float32, device=device)
-    if b * h == 0 or s == 0:
-        return out
-    chol = cholesky.float().reshape(b * h, k, k)
-    eye = torch.eye(k, device=device, dtype=torch.float32)
-    a = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).transpose(-1, -2).contiguous()
-    ones = torch.ones(b, s, dtype=torch.int8, device=device)
-    zeros = torch.zeros(b * h, k, dtype=torch.float32, device=device)
-    _leverage_rows[(b * h, triton.cdiv(s, _BLOCK_S))](centred, ones, zeros, a, out, h, s, k, k,
-                                                      *centred.stride(), BLOCK_S=_BLOCK_S, BLOCK_D=_block(k),
-                                                      BLOCK_K=_block(k))
     return out

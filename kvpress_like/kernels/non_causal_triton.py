@@ -46,6 +46,13 @@ def _logits(q, k, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, b, h, positions, real, dims, dim_ok, s_b, s_h, s_s, s_d):
+    """``[len(positions), BLOCK_D]`` rows ``positions`` of head ``h`` in batch row ``b`` (0 where not ``real``)."""
+    return tl.load(ptr + b * s_b + h * s_h + positions[:, None] * s_s + dims[None, :] * s_d,
+                   mask=real[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _row_stats(q_ptr, k_ptr, valid_ptr, shift_ptr, m_ptr, inv_l_ptr, qk_scale,
                n_q_heads, groups, n_chunks, seq_len, chunk, dim,
                sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d,
@@ -61,14 +68,12 @@ def _row_stats(q_ptr, k_ptr, valid_ptr, shift_ptr, m_ptr, inv_l_ptr, qk_scale,
     dim_ok = dims < dim
     rows, row_real = _positions(b, c, tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M), shift_ptr, valid_ptr,
                                 seq_len, chunk)
-    q = tl.load(q_ptr + b * sq_b + hq * sq_h + rows[:, None] * sq_s + dims[None, :] * sq_d,
-                mask=row_real[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, b, hq, rows, row_real, dims, dim_ok, sq_b, sq_h, sq_s, sq_d)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denominator = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, chunk, BLOCK_N):
         cols, col_real = _positions(b, c, start + tl.arange(0, BLOCK_N), shift_ptr, valid_ptr, seq_len, chunk)
-        k = tl.load(k_ptr + b * sk_b + hkv * sk_h + cols[:, None] * sk_s + dims[None, :] * sk_d,
-                    mask=col_real[:, None] & dim_ok[None, :], other=0.0)
+        k = _load_rows(k_ptr, b, hkv, cols, col_real, dims, dim_ok, sk_b, sk_h, sk_s, sk_d)
         s = _logits(q, k, qk_scale, PRECISION, UPCAST)  # log2 units
         s = tl.where(col_real[None, :], s, float("-inf"))
         new_m = tl.maximum(m, tl.max(s, 1))
@@ -96,16 +101,14 @@ def _column_sums(q_ptr, k_ptr, valid_ptr, shift_ptr, m_ptr, inv_l_ptr, out_ptr, 
     dim_ok = dims < dim
     cols, col_real = _positions(b, c, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), shift_ptr, valid_ptr,
                                 seq_len, chunk)
-    k = tl.load(k_ptr + b * sk_b + hkv * sk_h + cols[:, None] * sk_s + dims[None, :] * sk_d,
-                mask=col_real[:, None] & dim_ok[None, :], other=0.0)
+    k = _load_rows(k_ptr, b, hkv, cols, col_real, dims, dim_ok, sk_b, sk_h, sk_s, sk_d)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for g in range(0, groups):
         hq = hkv * groups + g
         stats = (b * n_kv_heads * groups + hq) * seq_len
         for start in range(0, chunk, BLOCK_M):
             rows, row_real = _positions(b, c, start + tl.arange(0, BLOCK_M), shift_ptr, valid_ptr, seq_len, chunk)
-            q = tl.load(q_ptr + b * sq_b + hq * sq_h + rows[:, None] * sq_s + dims[None, :] * sq_d,
-                        mask=row_real[:, None] & dim_ok[None, :], other=0.0)
+            q = _load_rows(q_ptr, b, hq, rows, row_real, dims, dim_ok, sq_b, sq_h, sq_s, sq_d)
             m = tl.load(m_ptr + stats + rows, mask=row_real, other=0.0)
             inv_l = tl.load(inv_l_ptr + stats + rows, mask=row_real, other=0.0)
             s = _logits(q, k, qk_scale, PRECISION, UPCAST)
@@ -191,24 +194,3 @@ def non_causal_attention_scores_triton(queries: torch.Tensor, keys: torch.Tensor
     valid = valid.to(keys.device)
     left_padding = (~valid).long().cumprod(-1).sum(-1)  # [B]: the first chunk of each row starts at its first token
     return column_sums(queries, keys, valid, left_padding, scale, chunk_size)
-
-
-def chunk_column_sums(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Column sums of within-chunk softmax attention on already chunked tensors (the reference's inner loop).
-
-    Args:
-        queries: ``[B, H_kv, G, n_chunks, C, D]``.
-        keys: ``[B, H_kv, n_chunks, C, D]``.
-        valid: ``[B, 1, n_chunks, C]`` bool, real tokens (others neither attend nor are attended to).
-        scale: logit scale.
-
-    Returns:
-        ``[B, H_kv, n_chunks, C]`` fp32, averaged over the ``G`` query heads of each KV head.
-    """
-    b, h_kv, g, n_chunks, chunk, d = queries.shape
-    s = n_chunks * chunk
-    flat_valid = valid.reshape(b, s)
-    no_shift = torch.zeros(b, dtype=torch.int64, device=keys.device)
-    out = column_sums(queries.reshape(b, h_kv * g, s, d), keys.reshape(b, h_kv, s, d), flat_valid, no_shift, scale,
-                      chunk)
-    return out.view(b, h_kv, n_chunks, chunk)
