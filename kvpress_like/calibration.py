@@ -352,10 +352,11 @@ def answer_nll(model, cache, prompt_ids: torch.Tensor, answer_ids: torch.Tensor)
     """Mean NLL of ``answer_ids`` ``[1, a]`` teacher-forced after ``prompt_ids`` ``[1, q]`` on ``cache`` (which
     grows by ``q + a`` tokens)."""
     from .cache import CACHE_KWARG
+    from .eval.fidelity import token_nll
 
     ids = torch.cat([prompt_ids, answer_ids], dim=1)
     logits = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True).logits[0, prompt_ids.shape[1] - 1 : -1]
-    return float(torch.nn.functional.cross_entropy(logits.float(), answer_ids[0].to(logits.device)))
+    return float(token_nll(logits, answer_ids[0]).mean())
 
 
 def calibration_points(model, tokenizer, scorers: list[Press], lengths, samples: int, seed: int = CALIBRATION_SEED,

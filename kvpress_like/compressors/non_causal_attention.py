@@ -28,6 +28,7 @@ from ..kernels import non_causal_attention_scores as fused_column_sums
 from ..press import LayerContext, Press
 from .snapkv import pool
 
+
 def roll_rows(x: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
     """Rotate each row ``b`` of ``x`` left by ``shift[b]`` along ``dim`` (``shift`` ``[B]``, ``x`` batch-first).
 
