@@ -9,7 +9,8 @@ The wrapped press may also compress the prefill with its own ratio (``compress_p
 prefill-plus-decoding combination. Scorers that need every token's hidden state (Compactor, leverage, observed
 attention, expected attention, ...) cannot score entries whose hidden states are gone; usable scorers declare
 ``supports_decoding = True`` (knorm, random, streaming_llm, cur, snapkv, tova). Window scorers (SnapKV, TOVA) see
-the queries of the most recent tokens, kept in a small buffer per layer.
+the queries of the most recent tokens, kept in a small buffer per layer on the cache itself (not on the press, so
+one press can decode several caches in turn).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ import torch
 from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
 from .context import valid_tokens
 from .press import Press, select_top, store_dense
+
+
+def recent_tokens(cache) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The buffer of ``cache``'s latest tokens: layer index -> ``(hidden [B, w, hidden], cos, sin [B or 1, w, rot])``.
+
+    It is run state, so it lives on the cache (copied with it), never on the press: one press may decode several
+    caches, of different batch sizes, in turn.
+    """
+    recent = getattr(cache, "_kvpress_recent_tokens", None)
+    if recent is None:
+        recent = {}
+        cache._kvpress_recent_tokens = recent
+    return recent
 
 
 @dataclass
@@ -63,7 +77,6 @@ class DecodingPress(Press):
         if self.target < protected:
             raise ValueError(f"target ({self.target}) must be at least the scorer's protected tokens "
                              f"(n_sink + window = {protected}); lower the scorer's window or raise the target")
-        self._recent: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def compresses_prefill(self) -> bool:
         return self.compress_prefill and self.scorer.ratio > 0
@@ -80,11 +93,12 @@ class DecodingPress(Press):
         hidden = kwargs["hidden_states"]
         cos, sin = kwargs["position_embeddings"]
         keep = max(getattr(self.scorer, "window", 1), 1)
-        if not was_prefill and idx in self._recent:
-            old_hidden, old_cos, old_sin = self._recent[idx]
+        recent = recent_tokens(cache)
+        if not was_prefill and idx in recent:
+            old_hidden, old_cos, old_sin = recent[idx]
             hidden, cos, sin = (torch.cat([a, b], dim=1) for a, b in ((old_hidden, hidden), (old_cos, cos),
                                                                        (old_sin, sin)))
-        self._recent[idx] = (hidden[:, -keep:], cos[:, -keep:], sin[:, -keep:])
+        recent[idx] = (hidden[:, -keep:], cos[:, -keep:], sin[:, -keep:])
         layer = cache.layers[idx]
         if isinstance(layer, QuantizedCompressedLayer) or type(layer).__name__.endswith("QuantizedLayer"):
             raise ValueError("decoding-time compression does not support quantized caches")
@@ -98,7 +112,7 @@ class DecodingPress(Press):
             valid = layer.valid
         else:  # a plain layer holds every token: its padding is what this forward's mask hides
             valid = valid_tokens(kwargs.get("attention_mask"), layer.keys.shape[0], physical, layer.keys.device)
-        recent_hidden, recent_cos, recent_sin = self._recent[idx]
+        recent_hidden, recent_cos, recent_sin = recent[idx]
         ctx = hooks.context(module, kwargs, layer.keys, layer.values, valid, recent_hidden, (recent_cos, recent_sin))
         scores, protected = self.scorer.layer_scores(ctx)
         counts = valid.sum(-1).clamp(max=self.target).clamp(min=protected.sum(-1).clamp(min=1))

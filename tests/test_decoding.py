@@ -361,3 +361,43 @@ def test_left_padded_batch_rows_decode_as_alone(scorer):
 def test_target_below_protected_tokens_is_rejected():
     with pytest.raises(ValueError, match="at least the scorer's protected tokens"):
         create_press("decoding", scorer="snapkv", target=32, interval=8)
+
+
+# -- run state lives on the cache, not on the press ---------------------------------------------------------------------
+@pytest.mark.parametrize("batch_b", [1, 2])
+def test_one_press_decoding_two_caches_alternately_gives_each_its_own_result(batch_b):
+    """One DecodingPress decoding two caches in turn (batch sizes 1 and 1 or 2) gives each cache exactly what it gets
+    decoded alone: the window scorer's recent tokens belong to each cache, not to the press."""
+    model = cached_tiny_model(**LLAMA)
+    ids_a = random_ids(20, seed=21, distinct=True)
+    ids_b = random_ids(24, batch=batch_b, seed=22, distinct=True)
+    steps = 2 * (T + N)  # several decoding-time cuts
+
+    def step_inputs(cache, ids):
+        logits = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1]
+        return logits.argmax(-1, keepdim=True)
+
+    def alone(ids):
+        cache, out, step_input = DynamicCache(config=model.config), [], ids
+        with press(model, DecodingPress(scorer=SnapKVPress(window=4), target=T, interval=N)), torch.no_grad():
+            for _ in range(steps):
+                step_input = step_inputs(cache, step_input)
+                out.append(step_input)
+        return torch.cat(out, dim=1), cache
+
+    expected_a, cache_a_alone = alone(ids_a)
+    expected_b, cache_b_alone = alone(ids_b)
+    p = DecodingPress(scorer=SnapKVPress(window=4), target=T, interval=N)
+    cache_a, cache_b = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    out_a, out_b, in_a, in_b = [], [], ids_a, ids_b
+    with press(model, p), torch.no_grad():
+        for _ in range(steps):
+            in_a = step_inputs(cache_a, in_a)
+            in_b = step_inputs(cache_b, in_b)
+            out_a.append(in_a)
+            out_b.append(in_b)
+    assert torch.equal(torch.cat(out_a, dim=1), expected_a)
+    assert torch.equal(torch.cat(out_b, dim=1), expected_b)
+    for mixed, reference in ((cache_a, cache_a_alone), (cache_b, cache_b_alone)):
+        for layer, ref in zip(mixed.layers, reference.layers):
+            assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
