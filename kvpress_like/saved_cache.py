@@ -3,7 +3,10 @@
 The file (``torch.save`` format, loaded with ``weights_only=True``: no code runs on load) holds every cache layer
 (dense compressed, ragged per-head, plain and sliding-window layers), the context's token ids, the press that
 produced it and the identity of the model. Loading refuses a file made for another model, and a corrupt or
-truncated file is rejected before anything is returned (a SHA-256 over the payload is checked).
+truncated file is rejected before anything is returned (a SHA-256 over the payload is checked), and so is a file
+whose tensors do not have the dtypes and shapes its metadata records, or that do not fit the model and the context.
+Saving writes a temporary file in the same directory and renames it over the target only once it is complete and
+synced, so an interrupted save leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -111,17 +116,118 @@ def save_cache(path: str | Path, cache, model, input_ids: torch.Tensor, press: P
     """
     if input_ids.shape[-1] != cache.get_seq_length():
         raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens but the cache has seen {cache.get_seq_length()}")
-    meta = {"format": FORMAT, "model": model_identity(model), "press": press.to_dict() if press else None,
-            "logical_length": cache.get_seq_length()}
     # clone: a view (e.g. a sliding-window slice of the prefill) would otherwise save its whole storage
     records = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _layer_record(layer).items()}
                for layer in cache.layers]
+    meta = {"format": FORMAT, "model": model_identity(model), "press": press.to_dict() if press else None,
+            "logical_length": cache.get_seq_length(), "tensors": [_specs(record) for record in records]}
     payload = {"meta": meta, "layers": records,
                "input_ids": input_ids.detach().cpu()}
     payload["sha256"] = _digest(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    Path(path).write_bytes(buffer.getvalue())
+    _write_atomically(Path(path), buffer.getvalue())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename it over ``path`` (an interrupted
+    write leaves ``path`` as it was)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def _specs(record: dict) -> dict:
+    """``{name: [dtype, shape]}`` of every tensor of a layer record."""
+    return {k: [str(v.dtype), list(v.shape)] for k, v in record.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_tensors(path, payload: dict, model) -> None:
+    """Every tensor has the dtype and shape the metadata records, and fits the model and the context.
+
+    Raises:
+        ValueError: naming the layer, the tensor, what it is and what is allowed.
+    """
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids, meta, layers = payload["input_ids"], payload["meta"], payload["layers"]
+
+    def require(ok, where: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: invalid kvpress-like cache file: {where}: {what}")
+
+    require(isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.ndim == 2
+            and ids.shape[1] == meta.get("logical_length"), "input_ids",
+            f"must be int64 [B, {meta.get('logical_length')}] (the context)")
+    batch, length = ids.shape
+    specs = meta.get("tensors")
+    require(isinstance(specs, list) and isinstance(layers, list) and len(specs) == len(layers) ==
+            config.num_hidden_layers, "layers", f"{config.num_hidden_layers} layers with their tensor specs expected")
+    kinds = {"dynamic": {"keys", "values"}, "sliding": {"keys", "values"}, "compressed": {"keys", "values", "valid"},
+             "ragged": {"flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid"}}
+    dtype = None
+    for i, (record, spec) in enumerate(zip(layers, specs)):
+        kind = record.get("kind") if isinstance(record, dict) else None
+        where = f"layer {i} ({kind})"
+        require(kind in kinds, f"layer {i}", f"kind {kind!r} is not one of {sorted(kinds)}")
+        tensors = {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
+        require(isinstance(spec, dict) and set(tensors) == set(spec), where,
+                f"tensors {sorted(tensors)} do not match the metadata's {sorted(spec or [])}")
+        require(set(tensors) == kinds[kind] or (kind in ("dynamic", "sliding") and not tensors), where,
+                f"tensors {sorted(tensors)} expected {sorted(kinds[kind])}")
+        for name, value in tensors.items():
+            require([str(value.dtype), list(value.shape)] == spec[name], f"{where} {name}",
+                    f"is {value.dtype} {list(value.shape)} but the metadata records {spec[name][0]} {spec[name][1]}")
+        logical = record.get("cumulative_length" if kind == "sliding" else "logical_length", length)
+        require(logical == length, where, f"has seen {logical!r} tokens, the context has {length}")
+        if kind == "ragged":
+            lengths, tail = record["lengths"], record["tail_keys"]
+            require(lengths.dtype == torch.long and lengths.shape == (batch, heads) and bool((lengths >= 0).all()),
+                    f"{where} lengths", f"must be non-negative int64 [{batch}, {heads}]")
+            n = int(lengths.sum())
+            keys, values = record["flat_keys"], record["flat_values"]
+            require(keys.shape == values.shape == (n, head_dim), f"{where} flat_keys/flat_values",
+                    f"must both be [{n}, {head_dim}] (lengths.sum(), head_dim)")
+            require(tail.shape == record["tail_values"].shape and tail.ndim == 4 and tail.shape[:2] == (batch, heads)
+                    and tail.shape[3] == head_dim and tail.dtype == keys.dtype, f"{where} tail_keys/tail_values",
+                    f"must both be {keys.dtype} [{batch}, {heads}, T, {head_dim}]")
+            require(record["tail_valid"].dtype == torch.bool and record["tail_valid"].shape == (batch, tail.shape[2]),
+                    f"{where} tail_valid", f"must be bool [{batch}, {tail.shape[2]}]")
+        elif record["keys"] is not None:
+            keys, values = record["keys"], record["values"]
+            stored = keys.shape[2] if keys.ndim == 4 else -1
+            require(keys.shape == values.shape and keys.dtype == values.dtype and keys.ndim == 4
+                    and keys.shape[:2] == (batch, heads) and keys.shape[3] == head_dim and stored <= length,
+                    f"{where} keys/values", f"must both be [{batch}, {heads}, P, {head_dim}] with P <= {length}")
+            require(kind != "dynamic" or stored == length, f"{where} keys", f"must hold all {length} tokens")
+            if kind == "compressed":
+                require(record["valid"].dtype == torch.bool and record["valid"].shape == (batch, stored),
+                        f"{where} valid", f"must be bool [{batch}, {stored}]")
+                require(isinstance(record["compressed_length"], int) and 0 <= record["compressed_length"] <= stored,
+                        where, f"compressed_length must be in [0, {stored}]")
+        else:
+            continue
+        require(keys.is_floating_point() and dtype in (None, keys.dtype), f"{where} keys",
+                f"is {keys.dtype}; every layer must hold the same floating-point dtype ({dtype or 'float'})")
+        dtype = keys.dtype
 
 
 def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dict]:
@@ -132,7 +238,8 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
         Use the cache inside ``with press(model, p)`` (any press): ragged and padded layers need its masks.
 
     Raises:
-        ValueError: the file is corrupt, truncated, not a saved cache, or was made for another model.
+        ValueError: the file is corrupt, truncated, not a saved cache, was made for another model, or holds tensors
+            whose dtypes or shapes differ from its metadata or do not fit the model and the context.
     """
     try:
         payload = torch.load(io.BytesIO(Path(path).read_bytes()), weights_only=True, map_location="cpu")
@@ -153,6 +260,10 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
         theirs, ours = [saved.get(k) for k in differences], [current.get(k) for k in differences]
         raise ValueError(f"{path} was saved for another model: {', '.join(differences)} differ "
                          f"(saved {theirs}, this model {ours})")
+    try:
+        _check_tensors(path, payload, model)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field of the wrong type or missing
+        raise ValueError(f"{path}: invalid kvpress-like cache file: malformed layer record ({error!r})") from error
     cache = DynamicCache(config=model.config)
     device = model.get_input_embeddings().weight.device
     layers = [_restore_layer(record) for record in payload["layers"]]

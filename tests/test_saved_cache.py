@@ -433,3 +433,93 @@ def test_save_refuses_input_ids_of_another_length(name, delta, tmp_path):
     with pytest.raises(ValueError, match=f"input_ids has {n + delta} tokens but the cache has seen {n}"):
         save_cache(path, cache, model, wrong, p)
     assert not path.exists()
+
+
+# -- tensors altered with a recomputed checksum ------------------------------------------------------------------------
+def _rewrite(payload: dict, path: Path) -> None:
+    """Save ``payload`` with its checksum recomputed (a consistent but altered file)."""
+    from kvpress_like.saved_cache import _digest
+
+    payload["sha256"] = _digest(payload)
+    torch.save(payload, path)
+
+
+def _drop_head(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :1].clone()
+
+
+ALTERATIONS = {
+    # name -> (case, alteration of the payload, whether the metadata's tensor specs are updated too, expected message)
+    "keys_dtype": ("dense", lambda r: r.update(keys=r["keys"].half()), False, "float16 .*metadata records torch.float32"),
+    "keys_shape": ("dense", lambda r: r.update(keys=_drop_head(r["keys"])), False, "metadata records"),
+    "keys_values_heads": ("dense", lambda r: r.update(keys=_drop_head(r["keys"]), values=_drop_head(r["values"])),
+                          True, r"keys/values: must both be \[1, 2, P, 16\]"),
+    "valid_dtype": ("dense", lambda r: r.update(valid=r["valid"].long()), True, r"valid: must be bool \[1, "),
+    "ragged_lengths": ("ragged", lambda r: r.update(lengths=r["lengths"] + 1), True, "flat_keys/flat_values"),
+    "dynamic_tokens": ("uncompressed", lambda r: r.update(keys=r["keys"][:, :, 1:].clone(),
+                                                          values=r["values"][:, :, 1:].clone()), True,
+                       "must hold all 48 tokens"),
+}
+
+
+@pytest.mark.parametrize("alteration", list(ALTERATIONS))
+def test_altered_tensors_with_a_recomputed_checksum_are_rejected(alteration, saved, tmp_path):
+    """A file whose tensors were changed and whose checksum was recomputed fails at load with an error naming the
+    layer and the tensor, never later in a forward."""
+    from kvpress_like.saved_cache import _specs
+
+    name, alter, update_specs, message = ALTERATIONS[alteration]
+    path, _ = saved[name]
+    model = cached_tiny_model(**CASES[name][0])
+    payload = torch.load(path, weights_only=True)
+    layer = next(i for i, record in enumerate(payload["layers"]) if record["kind"] in ("compressed", "ragged",
+                                                                                         "dynamic"))
+    alter(payload["layers"][layer])
+    if update_specs:
+        payload["meta"]["tensors"][layer] = _specs(payload["layers"][layer])
+    bad = tmp_path / "altered.kvc"
+    _rewrite(payload, bad)
+    with pytest.raises(ValueError, match=f"invalid kvpress-like cache file: layer {layer} .*{message}"):
+        load_cache(bad, model)
+
+
+# -- an interrupted save leaves the previous file intact ---------------------------------------------------------------
+def test_interrupted_saves_always_leave_the_previous_good_file(tmp_path):
+    """200 save cycles; about half are cut at a random byte by the OS (RLIMIT_FSIZE: the write fails with EFBIG once the
+    file reaches the limit). After every cycle the file loads and holds the last completely saved cache."""
+    import random
+    import resource
+    import signal
+
+    model = cached_tiny_model(**LLAMA)
+    contexts = [random_ids(12 + 4 * i, seed=40 + i) for i in range(3)]
+    caches = [prefill(model, SnapKVPress(ratio=0.5, window=2), ids) for ids in contexts]
+    path = tmp_path / "c.kvc"
+    save_cache(path, caches[0], model, contexts[0])
+    good = 0
+    rng = random.Random(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of killing the process
+    interrupted = 0
+    try:
+        for _ in range(200):
+            which = rng.randrange(len(caches))
+            limit = rng.randrange(1, path.stat().st_size) if rng.random() < 0.5 else None
+            try:
+                if limit is not None:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+                try:
+                    save_cache(path, caches[which], model, contexts[which])
+                finally:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                good = which
+            except OSError:
+                interrupted += 1
+            cache, ids, _ = load_cache(path, model)
+            assert torch.equal(ids, contexts[good])
+            assert_same_cache(cache, caches[good])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert 60 < interrupted < 140
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc"]  # no temporary file left behind
