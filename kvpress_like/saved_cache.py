@@ -179,6 +179,8 @@ def _check_tensors(path, payload: dict, model) -> None:
             f"must be int64 [B, {meta.get('logical_length')}] (the context)")
     batch, length = ids.shape
     specs = meta.get("tensors")
+    require(specs is not None, "metadata", "records no tensor dtypes and shapes (written by an older kvpress-like); "
+            "save the cache again")
     require(isinstance(specs, list) and isinstance(layers, list) and len(specs) == len(layers) ==
             config.num_hidden_layers, "layers", f"{config.num_hidden_layers} layers with their tensor specs expected")
     kinds = {"dynamic": {"keys", "values"}, "sliding": {"keys", "values"}, "compressed": {"keys", "values", "valid"},
