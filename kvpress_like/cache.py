@@ -359,7 +359,7 @@ class QuantizedCompressedLayer(CompressedLayer):
     def __init__(self, inner: BaseQuantizedLayer, valid: torch.Tensor, logical_length: int):
         CacheLayerMixin.__init__(self)
         self.inner, self.valid, self.logical_length = inner, valid, int(logical_length)
-        self.dtype, self.device = inner.dtype, inner.device
+        self.dtype, self.device = inner.keys.dtype, inner.device  # transformers layers have no `dtype`
         self.compressed_length = inner.get_seq_length()
         self.pending_valid = None
         self.is_initialized = True

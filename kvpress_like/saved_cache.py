@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .cache import CompressedLayer, RaggedLayer
+from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
 from .press import Press
 
 FORMAT = "kvpress-like-cache/1"
@@ -52,6 +52,9 @@ def model_identity(model) -> dict:
 
 
 def _layer_record(layer) -> dict:
+    if isinstance(layer, QuantizedCompressedLayer):
+        raise TypeError("cannot save a compressed layer of a QuantizedCache; saving supports caches compressed in a "
+                        "DynamicCache")
     if isinstance(layer, RaggedLayer):
         return {"kind": "ragged", "flat_keys": layer.flat_keys, "flat_values": layer.flat_values,
                 "lengths": layer.lengths, "tail_keys": layer.tail_keys, "tail_values": layer.tail_values,
