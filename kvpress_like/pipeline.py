@@ -111,7 +111,8 @@ class KVPressTextGenerationPipeline(Pipeline):
     Call arguments:
         context (str): the long text (compressed).
         question (str) or questions (list[str]): asked after the context.
-        press (Press | None): the press; ``None`` keeps the full cache.
+        press (Press | None): the press; ``None`` keeps the full cache, unless a press is already installed on the
+            model (``with press(model, p): pipe(...)``): that press then compresses, and is the one reported.
         answer_prefix (str): text the answer starts with (also fed to the model).
         max_new_tokens (int): decoding budget per question (default 50).
         compress_questions (bool): compress the question together with the context (query-aware); each question
@@ -159,15 +160,18 @@ class KVPressTextGenerationPipeline(Pipeline):
         return {"prefills": [parts[0][0]], "suffixes": [s for _, s in parts]}
 
     def _forward(self, inputs, press, max_new_tokens):
+        from .context import active_press
+
         prefills, suffixes = inputs["prefills"], inputs["suffixes"]
         answers, stats, cache = [], None, None
+        applied = press if press is not None else active_press(self.model)  # a press installed around the call
         with press_context(self.model, press) if press is not None else nullcontext():
             for i, suffix in enumerate(suffixes):
                 prefill = prefills[i] if len(prefills) > 1 else prefills[0]
                 if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
                     cache = self._prefill(prefill)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
-                                      "context_tokens": prefill.shape[1], "ratio": _applied_ratio(press)}
+                                      "context_tokens": prefill.shape[1], "ratio": _applied_ratio(applied)}
                 answers.append(answer_on_cache(self.model, cache, prefill, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
 

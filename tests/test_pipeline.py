@@ -393,3 +393,18 @@ def test_calibrated_press_in_the_pipeline_reports_its_chosen_ratio(tmp_path):
     assert stats["kept_fraction"] == pytest.approx(kept_fraction(fixed))
     assert pipe(CONTEXT, question=QUESTIONS[0], press=KnormPress(ratio=0.25), max_new_tokens=1,
                 return_cache_stats=True)["cache_stats"]["ratio"] == 0.25
+
+
+def test_press_none_inside_an_installed_press_reports_the_installed_press():
+    """``press=None`` while ``with press(model, p)`` is active: ``p`` compresses, and the stats say so (they used to
+    report ratio 0.0 next to a kept fraction of 0.5)."""
+    model, pipe = model_of("llama"), pipe_of("llama")
+    p = KnormPress(ratio=0.5)
+    expected = pipe(CONTEXT, question=QUESTIONS[0], press=p, max_new_tokens=2, return_cache_stats=True)
+    with press(model, p):
+        inside = pipe(CONTEXT, question=QUESTIONS[0], press=None, max_new_tokens=2, return_cache_stats=True)
+    assert inside == expected
+    assert inside["cache_stats"]["ratio"] == 0.5
+    assert inside["cache_stats"]["kept_fraction"] < 1
+    plain = pipe(CONTEXT, question=QUESTIONS[0], press=None, max_new_tokens=2, return_cache_stats=True)
+    assert plain["cache_stats"]["ratio"] == 0.0 and plain["cache_stats"]["kept_fraction"] == 1.0
