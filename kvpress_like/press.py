@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from functools import cached_property
-from numbers import Real
+from numbers import Integral, Real
 from typing import ClassVar
 
 import torch
@@ -109,11 +109,39 @@ def _check_count(name: str, value) -> int:
     return value
 
 
+_NUMBER_TYPES = {"int": (Integral, "an int"), "float": (Real, "a number"), "bool": (bool, "True or False")}
+
+
+def _check_type(name: str, annotation, value) -> None:
+    """Raise a ``TypeError`` when ``value`` does not fit a field annotated ``int``, ``float`` or ``bool`` (optionally
+    ``| None``); other annotations are left to the press's own checks."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    optional = text.endswith(" | None")
+    kind = text.removesuffix(" | None")
+    if kind not in _NUMBER_TYPES or (optional and value is None):
+        return
+    allowed, described = _NUMBER_TYPES[kind]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and kind != "bool"):
+        raise TypeError(f"{name} must be {described}{' or None' if optional else ''}; got {value!r}")
+
+
 _CALIBRATION_ARGS = ("quality", "params", "nll_positions", "min_retention")
 
 
+class _CheckedPress(type):
+    """Once a press is built (after its own ``__post_init__`` checks, whose messages come first), every parameter
+    annotated ``int``, ``float`` or ``bool`` must hold one; from then on assignments are checked as they happen."""
+
+    def __call__(cls, *args, **kwargs):
+        instance = super().__call__(*args, **kwargs)
+        for f in fields(instance):
+            _check_type(f.name, f.type, getattr(instance, f.name))
+        object.__setattr__(instance, "_built", True)
+        return instance
+
+
 @dataclass
-class Press:
+class Press(metaclass=_CheckedPress):
     """Base press: configuration plus a scorer. Subclasses set ``name`` and implement :meth:`score`.
 
     Args:
@@ -144,24 +172,34 @@ class Press:
             inner = {k: v for k, v in kwargs.items() if k not in ("ratio", "compression_ratio", *_CALIBRATION_ARGS)}
             calibration = {k: kwargs[k] for k in _CALIBRATION_ARGS if k in kwargs}
             return CalibratedPress(scorer=cls(*args[1:], **inner), **calibration)
-        return super().__new__(cls)
+        instance = super().__new__(cls)
+        object.__setattr__(instance, "_ratio_passed", bool(args) or "ratio" in kwargs)
+        return instance
 
     def __post_init__(self, compression_ratio: float | None = None):
         if compression_ratio is not None:
-            if self.ratio not in (0, 0.0):
+            if getattr(self, "_ratio_passed", False) or self.ratio != 0:
                 raise ValueError("pass either ratio or compression_ratio, not both")
             self.ratio = compression_ratio
-        self.ratio = _check_ratio(self.ratio)
-        self.n_sink = _check_count("n_sink", self.n_sink)
-        self.window = _check_count("window", self.window)
-        if isinstance(self.allocator, str):
-            from .registry import get_allocator
 
-            self._allocator = get_allocator(self.allocator)
-        elif isinstance(self.allocator, Allocator):
-            self._allocator = self.allocator
-        else:
-            raise TypeError(f"allocator must be an allocator name or an Allocator; got {self.allocator!r}")
+    def __setattr__(self, name: str, value) -> None:
+        """Every assignment of a parameter is checked, at construction and after it (``p.ratio = 1.5`` raises)."""
+        if name == "ratio":
+            value = _check_ratio(value)
+        elif name in ("n_sink", "window"):
+            value = _check_count(name, value)
+        elif name == "allocator":
+            if isinstance(value, str):
+                from .registry import get_allocator
+
+                object.__setattr__(self, "_allocator", get_allocator(value))
+            elif isinstance(value, Allocator):
+                object.__setattr__(self, "_allocator", value)
+            else:
+                raise TypeError(f"allocator must be an allocator name or an Allocator; got {value!r}")
+        elif name in self.__dataclass_fields__ and self.__dict__.get("_built"):
+            _check_type(name, self.__dataclass_fields__[name].type, value)
+        object.__setattr__(self, name, value)
 
     # -- scorer -----------------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> torch.Tensor:

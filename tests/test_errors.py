@@ -378,3 +378,63 @@ def test_press_object_is_its_own_context_manager():
     assert attention_hooks(model) == []
     assert [layer.keys.shape[2] for layer in cache.layers] == [10, 10, 10]
     assert cache.get_seq_length() == 20
+
+
+# -- explicit ratio with its alias, assignments after construction, parameter types --------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: KnormPress(ratio=0.0, compression_ratio=0.3),
+    lambda: KnormPress(0.0, compression_ratio=0.3),
+    lambda: create_press("snapkv", ratio=0, compression_ratio=0.5),
+], ids=["keyword", "positional", "create_press"])
+def test_explicit_zero_ratio_with_compression_ratio_is_refused(make):
+    with pytest.raises(ValueError, match="pass either ratio or compression_ratio, not both"):
+        make()
+
+
+@pytest.mark.parametrize("name, bad, error, match", [
+    ("ratio", 1.5, ValueError, r"ratio must be in \[0, 1\)"),
+    ("ratio", -0.1, ValueError, r"ratio must be in \[0, 1\)"),
+    ("ratio", "0.5", TypeError, "ratio must be a number"),
+    ("n_sink", -1, ValueError, "n_sink must be a non-negative int"),
+    ("window", 2.5, ValueError, "window must be a non-negative int"),
+    ("allocator", "no_such_allocator", ValueError, "unknown allocator"),
+    ("allocator", 3, TypeError, "allocator must be an allocator name or an Allocator"),
+])
+def test_assignment_after_construction_is_checked(name, bad, error, match):
+    p = KnormPress(ratio=0.5, n_sink=2, window=2)
+    before = (p.ratio, p.n_sink, p.window, p.allocator, p._allocator)
+    with pytest.raises(error, match=match):
+        setattr(p, name, bad)
+    assert (p.ratio, p.n_sink, p.window, p.allocator, p._allocator) == before
+
+
+def test_valid_assignments_after_construction_take_effect():
+    model = cached_tiny_model("llama")
+    ids = random_ids(20, seed=43)
+    p = KnormPress(ratio=0.5)
+    p.ratio, p.allocator = 0.25, "pyramid"
+    assert p.ratio == 0.25 and type(p._allocator).__name__ == "PyramidAllocator"
+    p.allocator = "uniform"
+    cache = prefill(model, ids, p)
+    assert all(layer.keys.shape[2] == 15 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: RandomPress(ratio=0.5, seed="x"), "seed must be an int; got 'x'"),
+    (lambda: create_press("random", ratio=0.5, seed=1.5), "seed must be an int; got 1.5"),
+    (lambda: create_press("cur", ratio=0.5, seed=None), "seed must be an int; got None"),
+    (lambda: create_press("compactor", ratio=0.5, value_norm="yes"), "value_norm must be True or False"),
+], ids=["random_seed_str", "random_seed_float", "cur_seed_none", "compactor_value_norm"])
+def test_parameter_types_are_checked_at_construction(make, match):
+    """These used to fail only at the first forward."""
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_parameter_types_are_checked_on_assignment_too():
+    p = RandomPress(ratio=0.5, seed=3)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        p.seed = "x"
+    assert p.seed == 3
+    p.seed = 4
+    assert p.seed == 4
