@@ -436,10 +436,13 @@ def cmd_eval(args) -> int:
     records = runner.run_eval(model, tokenizer, **grid, output_dir=output, mode=args.mode, seed=args.seed,
                               model_name=args.model, max_new_tokens=args.max_new_tokens,
                               progress=not args.no_progress)
-    rows = runner.summarize(records)
-    table = runner.format_table(rows)
+    table = runner.format_table(runner.summarize(records))
+    first = runner.PressSpec.parse(args.presses[0]).label
+    for reference in dict.fromkeys([runner.FULL] + ([first] if len(args.presses) > 1 else [])):
+        table += f"\n\nPaired difference against {reference} on the same samples:\n\n"
+        table += runner.paired_table(records, reference)
     (output / "summary.md").write_text(table + "\n", encoding="utf-8")
-    plot_path = runner.plot(rows, output / runner.PLOT_FILE)
+    plot_path = runner.plot(runner.summarize(records, by_task=False), output / runner.PLOT_FILE)
     print(f"model: {label}; mode: {args.mode}; tasks: {' '.join(args.tasks)}; {args.samples} sample(s) per task")
     print(table)
     print(f"results: {output / runner.RESULTS_FILE}\nsummary: {output / 'summary.md'}\nplot:    {plot_path}")
@@ -588,6 +591,8 @@ def _add_model_args(command, progress_help: str = "no progress bar") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``kvpress-like`` command line; returns the exit status."""
+    from .registry import PluginError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -595,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as error:
         print(f"kvpress-like: error: {error}", file=sys.stderr)
         return 2
+    except PluginError as error:  # names the plugin and how to disable plugins
+        print(f"kvpress-like: error: {error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         from .eval.model import ModelNotAvailableError
         from .eval.sample import DataNotAvailableError

@@ -248,6 +248,11 @@ class Press(metaclass=_CheckedPress):
 
     defers_selection: ClassVar[bool] = False  # True: select after the whole prefill forward (see ``install``)
 
+    @property
+    def score_depends_on_ratio(self) -> bool:
+        """Whether :meth:`score` changes with ``ratio`` (scores recorded at one ratio cannot serve another)."""
+        return False
+
     def install(self, model: nn.Module, scope) -> list:
         """Presses with ``defers_selection`` register their model-level hooks here and return the handles; they
         call ``scope.finalize(cache, ratio)`` once they have chosen the ratio."""

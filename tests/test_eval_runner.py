@@ -57,8 +57,9 @@ def test_eval_writes_results_resumes_and_plots(model_dir, tmp_path, capsys, monk
         assert record["kept_fraction"] == pytest.approx(expected_kept, abs=0.02)
     png = output / runner.PLOT_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (output / "summary.md").read_text().startswith("| length | press |")
-    assert "| 256 | knorm | 0.75 |" in printed
+    assert (output / "summary.md").read_text().startswith("| length | task | press |")
+    assert "| 256 | niah_single_1 | knorm | 0.75 |" in printed and "| 256 | fidelity | knorm | 0.75 |" in printed
+    assert "Paired difference against full" in (output / "summary.md").read_text()
 
     # resume: nothing is evaluated again, and the file is unchanged
     def fail(*args, **kwargs):
@@ -109,7 +110,7 @@ def test_summary_arithmetic():
         cell("full", 0.0, "fidelity", 0, None, 1.0, kl=0.0, nll_full=None, nll_press=None),
         cell("p", 0.5, "fidelity", 0, None, 0.5, kl=0.2, nll_full=1.0, nll_press=1.5),
     ]
-    rows = {(r["press"], r["ratio"]): r for r in runner.summarize(records)}
+    rows = {(r["press"], r["ratio"]): r for r in runner.summarize(records, by_task=False)}
     assert rows[("full", 0.0)]["score"] == pytest.approx(0.75)
     assert rows[("full", 0.0)]["relative"] == pytest.approx(1.0)
     assert rows[("p", 0.5)]["score"] == pytest.approx(0.375)
@@ -117,10 +118,28 @@ def test_summary_arithmetic():
     assert rows[("p", 0.5)]["kl"] == pytest.approx(0.2)
     assert rows[("p", 0.5)]["delta_nll"] == pytest.approx(0.5)
     assert rows[("p", 0.5)]["kept_fraction"] == pytest.approx(0.5)
-    table = runner.format_table(runner.summarize(records))
-    assert "| 100 | p | 0.5 | 0.500 | 37.5 | 50% | 0.200 | +0.500 | 3 |" in table
+    table = runner.format_table(runner.summarize(records, by_task=False))
+    assert "| 100 | all | p | 0.5 | 0.500 | 37.5 | [25.0, 50.0] | 50% | 0.200 | +0.500 | 3 |" in table
     no_fidelity = runner.summarize(records[:4])
     assert math.isnan([r for r in no_fidelity if r["press"] == "p"][0]["kl"])
+    assert "KL" not in runner.format_table(no_fidelity)  # no fidelity task: no empty columns
+
+
+def test_summary_intervals_and_paired_differences():
+    def cell(press, ratio, index, score):
+        return {"press": press, "ratio": ratio, "task": "t", "index": index, "length": 100, "score": score,
+                "kept_fraction": 1.0}
+
+    full = [cell("full", 0.0, i, 1.0) for i in range(50)]
+    a = [cell("a", 0.5, i, float(i < 40)) for i in range(50)]  # 40 of 50 right
+    b = [cell("b", 0.5, i, float(i < 30)) for i in range(50)]  # a subset of a's: a is better on 10 samples
+    rows = {r["press"]: r for r in runner.summarize(full + a + b)}
+    low, high = rows["a"]["ci_low"], rows["a"]["ci_high"]
+    assert low == pytest.approx(0.6696, abs=1e-3) and high == pytest.approx(0.8876, abs=1e-3)  # Wilson, 40/50
+    diffs = {r["press"]: r for r in runner.paired_rows(full + a + b, reference="b")}
+    assert diffs["a"]["mean"] == pytest.approx(0.2) and (diffs["a"]["a_only"], diffs["a"]["b_only"]) == (10, 0)
+    assert 0.0 < diffs["a"]["low"] < 0.2 < diffs["a"]["high"]
+    assert "| 100 | t | a | 0.5 | +20.0 |" in runner.paired_table(full + a + b, reference="b")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,12 +23,14 @@ from .leverage import leverage_scores
 from .non_causal_attention import NonCausalAttentionPress
 
 
-def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-head z-score of ``[B, H, S]`` scores over the real tokens of each row (``valid`` ``[B, S]``)."""
-    w = valid[:, None, :].float()
-    n = w.sum(-1, keepdim=True).clamp(min=1)
-    mean = (scores * w).sum(-1, keepdim=True) / n
-    var = (((scores - mean) * w) ** 2).sum(-1, keepdim=True) / n
+def standardise(scores: torch.Tensor, valid: torch.Tensor, over: str = "head") -> torch.Tensor:
+    """z-score of ``[B, H, S]`` scores over the real tokens of each row (``valid`` ``[B, S]``): per head
+    (``over="head"``) or over all heads of the row together (``over="layer"``)."""
+    w = valid[:, None, :].float().expand_as(scores)
+    dims = (-1,) if over == "head" else (-2, -1)
+    n = w.sum(dims, keepdim=True).clamp(min=1)
+    mean = (scores * w).sum(dims, keepdim=True) / n
+    var = (((scores - mean) * w) ** 2).sum(dims, keepdim=True) / n
     return (scores - mean) / (var.sqrt() + 1e-6) * w
 
 
@@ -45,16 +47,29 @@ class CompactorPress(NonCausalAttentionPress):
     """
 
     name = "compactor"
-    blending: float = 0.3
+    blending: float | None = 0.3
     sketch_size: int = 48
     seed: int = 0
+    standardise_over: str = "head"
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)  # validates chunk_size and kernel_size
         if not isinstance(self.sketch_size, int) or self.sketch_size < 1:
             raise ValueError(f"sketch_size must be a positive int; got {self.sketch_size!r}")
+        if self.blending is not None and (isinstance(self.blending, bool) or not isinstance(self.blending, (int, float))
+                                          or not self.blending >= 0):
+            raise ValueError(f"blending must be a non-negative number or None (the ratio); got {self.blending!r}")
+        if self.standardise_over not in ("head", "layer"):
+            raise ValueError(f"standardise_over must be 'head' or 'layer'; got {self.standardise_over!r}")
+
+    @property
+    def score_depends_on_ratio(self) -> bool:
+        """``blending=None`` weighs leverage by the ratio, so the scores change with it."""
+        return self.blending is None
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         attention = super().score(ctx)  # pooled non-causal chunked attention
         leverage = leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)
-        return standardise(attention, ctx.valid) + self.blending * standardise(leverage, ctx.valid)
+        blending = self.ratio if self.blending is None else self.blending
+        over = self.standardise_over
+        return standardise(attention, ctx.valid, over) + blending * standardise(leverage, ctx.valid, over)

@@ -118,11 +118,16 @@ class NonCausalAttentionPress(Press):
     Args:
         chunk_size: tokens per chunk (256 in the paper).
         kernel_size: average-pooling width over neighbouring tokens (1 = none).
+        value_norm: multiply each key's attention by the L2 norm of its value (what the key contributes to the
+            attention output), before pooling.
+        attention_scale: logit scale of the chunk attention; ``None`` uses the model's own (``1/sqrt(d)``).
     """
 
     name = "non_causal_attention"
     chunk_size: int = 256
     kernel_size: int = 5
+    value_norm: bool = False
+    attention_scale: float | None = None
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
@@ -130,7 +135,17 @@ class NonCausalAttentionPress(Press):
             raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+        if not isinstance(self.value_norm, bool):
+            raise TypeError(f"value_norm must be True or False; got {self.value_norm!r}")
+        if self.attention_scale is not None and (
+            isinstance(self.attention_scale, bool) or not isinstance(self.attention_scale, (int, float))
+            or not self.attention_scale > 0
+        ):
+            raise ValueError(f"attention_scale must be a positive number or None; got {self.attention_scale!r}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        scores = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling, self.chunk_size)
+        scale = ctx.module.scaling if self.attention_scale is None else float(self.attention_scale)
+        scores = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, scale, self.chunk_size)
+        if self.value_norm:
+            scores = scores * ctx.values.float().norm(dim=-1)
         return pool(scores, ctx.valid, self.kernel_size)

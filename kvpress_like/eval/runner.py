@@ -127,10 +127,11 @@ class SharedPrefill:
     sample's compressed part records every press's scores in every layer (see
     :class:`kvpress_like.calibration.CalibratedPress`), then each (press, ratio) cell compresses a copy of the full
     cache from those scores: the same kept entries as its own prefill, at a fraction of the cost. Presses that select
-    by themselves (ChunkKV) get their own prefill per cell.
+    by themselves (ChunkKV) get their own prefill per cell. A press whose scores depend on the ratio (Compactor with
+    ``blending=None``) records one set of scores per ratio.
     """
 
-    def __init__(self, model, specs: list[PressSpec]):
+    def __init__(self, model, specs: list[PressSpec], ratios: Iterable[float] = ()):
         from ..calibration import CalibratedPress, _ScoreRecorder
 
         self.model = model
@@ -141,23 +142,37 @@ class SharedPrefill:
                 CalibratedPress(scorer=p)
             except (TypeError, ValueError):
                 continue
-            presses[spec.label] = p
+            if spec.create(0.5).score_depends_on_ratio:
+                presses.update({_scorer_key(spec.label, r): spec.create(r) for r in ratios if r > 0})
+            else:
+                presses[spec.label] = p
         self.recorder = None
         if presses:
             self.recorder = _ScoreRecorder(scorer=next(iter(presses.values())))
             self.recorder.scorers = presses
 
-    def _cache(self, full, label: str, ratio: float):
+    def _shares(self, label: str, ratio: float) -> bool:
+        scorers = self.recorder.scorers if self.recorder is not None else {}
+        return label == FULL or label in scorers or _scorer_key(label, ratio) in scorers
+
+    def record(self, context_ids: torch.Tensor) -> DynamicCache:
+        """Prefill ``context_ids`` ``[1, S]`` in full, recording every shared press's scores in every layer."""
+        with torch.no_grad(), press_context(self.model, self.recorder):
+            return prefill(self.model, context_ids)
+
+    def cache_for(self, full, label: str, ratio: float):
+        """A copy of the recorded ``full`` cache compressed by press ``label`` at ``ratio`` (``full``: uncompressed)."""
         import copy
 
         cache = copy.deepcopy(full)
         if label != FULL and ratio > 0:
-            self.recorder.compress_at(label, cache, ratio)
+            scorers = self.recorder.scorers
+            self.recorder.compress_at(label if label in scorers else _scorer_key(label, ratio), cache, ratio)
         return cache
 
     def evaluate(self, tokenizer, task: str, sample, pending, mode: str, max_new_tokens: int | None):
         """``[((label, ratio), (result, seconds)), ...]`` for the ``pending`` ``(label, ratio, spec)`` cells."""
-        shared = [c for c in pending if self.recorder is not None and (c[0] == FULL or c[0] in self.recorder.scorers)]
+        shared = [c for c in pending if self.recorder is not None and self._shares(c[0], c[1])]
         out = []
         for label, ratio, spec in pending:
             if (label, ratio, spec) in shared:
@@ -188,11 +203,11 @@ class SharedPrefill:
         with torch.no_grad(), press_context(model, self.recorder):
             full = prefill(model, context_ids)
             if task == FIDELITY:
-                full_logits = model(input_ids=follow, **{CACHE_KWARG: self._cache(full, FULL, 0.0)}).logits[0]
+                full_logits = model(input_ids=follow, **{CACHE_KWARG: self.cache_for(full, FULL, 0.0)}).logits[0]
             shared_seconds = (time.perf_counter() - start) / len(cells)  # the prefill's cost, split over the cells
             for label, ratio, _ in cells:
                 start = time.perf_counter()
-                cache = self._cache(full, label, ratio)
+                cache = self.cache_for(full, label, ratio)
                 kept = kept_fraction(cache)
                 if task == FIDELITY:
                     if label == FULL:
@@ -211,6 +226,11 @@ class SharedPrefill:
                               "context_tokens": context_ids.shape[1]}
                 out.append(((label, ratio), (result, time.perf_counter() - start + shared_seconds)))
         return out
+
+
+def _scorer_key(label: str, ratio: float) -> str:
+    """Name of the recorded scores of press ``label`` at ``ratio`` (for presses whose scores depend on it)."""
+    return f"{label}@{ratio:g}"
 
 
 def _prompt_ids(tokenizer, sample, mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +320,7 @@ def run_eval(
     path = output / RESULTS_FILE
     done = load_results(path)
     configs = [(FULL, 0.0, None)] + [(s.label, r, s) for s in specs for r in ratios]
-    shared = SharedPrefill(model, specs)
+    shared = SharedPrefill(model, specs, ratios)
     total = len(lengths) * len(tasks) * samples * len(configs)
     bar = _progress_bar(total, progress)
     records = []
@@ -358,48 +378,98 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def summarize(records: list[dict]) -> list[dict]:
-    """One row per (press, ratio, length): mean task score, mean kept fraction, and the fidelity means.
+def summarize(records: list[dict], by_task: bool = True) -> list[dict]:
+    """One row per (press, ratio, length, task) (``by_task=False``: all tasks together, ``task`` ``"all"``).
 
     Returns:
-        Dicts with ``press``, ``ratio``, ``length``, ``score`` (mean over task cells, in [0, 1]; NaN without task
-        cells), ``relative`` (score / the full cache's on the same cells), ``kept_fraction``, ``kl`` and
+        Dicts with ``press``, ``ratio``, ``length``, ``task``, ``score`` (mean over task cells, in [0, 1]; NaN
+        without task cells), ``ci_low``/``ci_high`` (its 95 % interval: Wilson when every score is 0 or 1, else a
+        bootstrap), ``relative`` (score / the full cache's on the same cells), ``kept_fraction``, ``kl`` and
         ``delta_nll`` (fidelity cells, NaN without), ``cells``.
     """
+    from .stats import mean_interval
+
     groups = defaultdict(list)
     for record in records:
-        groups[(record["press"], record["ratio"], record["length"])].append(record)
+        groups[(record["press"], record["ratio"], record["length"], record["task"] if by_task else "all")].append(record)
     rows = []
-    for (label, ratio, length), cells in groups.items():
+    for (label, ratio, length, task), cells in groups.items():
         tasks = [c for c in cells if c["task"] != FIDELITY]
         fid = [c for c in cells if c["task"] == FIDELITY and c.get("nll_press") is not None]
         pairs = {(c["task"], c["index"]) for c in tasks}
-        full_score = _mean(c["score"] for c in groups.get((FULL, 0.0, length), []) if (c["task"], c["index"]) in pairs)
+        full_score = _mean(c["score"] for c in groups.get((FULL, 0.0, length, task), [])
+                           if (c["task"], c["index"]) in pairs)
         score = _mean(c["score"] for c in tasks)
+        low, high = mean_interval([c["score"] for c in tasks]) if tasks else (math.nan, math.nan)
         rows.append({
-            "press": label, "ratio": ratio, "length": length, "score": score,
-            "relative": score / full_score if full_score and not math.isnan(full_score) else math.nan,
+            "press": label, "ratio": ratio, "length": length, "task": task, "score": score, "ci_low": low,
+            "ci_high": high, "relative": score / full_score if full_score and not math.isnan(full_score) else math.nan,
             "kept_fraction": _mean(c["kept_fraction"] for c in cells),
             "kl": _mean(c["kl"] for c in fid) if fid else (0.0 if label == FULL else math.nan),
             "delta_nll": _mean(c["nll_press"] - c["nll_full"] for c in fid) if fid else
             (0.0 if label == FULL else math.nan),
             "cells": len(cells),
         })
-    rows.sort(key=lambda row: (row["length"], row["press"] != FULL, row["press"], row["ratio"]))
+    rows.sort(key=lambda row: (row["length"], row["task"], row["press"] != FULL, row["press"], row["ratio"]))
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A markdown table of :func:`summarize`'s rows."""
-    def cell(value, fmt):
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
-    lines = ["| length | press | ratio | kept | score | vs full | KL | ΔNLL | cells |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`summarize`'s rows. The KL and ΔNLL columns (next-token KL divergence and answer
+    NLL change against the full cache) appear only when some row has ``fidelity`` cells."""
+    fidelity = any(row["press"] != FULL and not math.isnan(row["kl"]) for row in rows)
+    extra = " KL | ΔNLL |" if fidelity else ""
+    lines = ["| length | task | press | ratio | kept | score | 95 % CI | vs full |" + extra + " n |",
+             "|---:|---|---|---:|---:|---:|---|---:|" + ("---:|---:|" if fidelity else "") + "---:|"]
     for row in rows:
-        lines.append(f"| {row['length']} | {row['press']} | {row['ratio']:g} | {cell(row['kept_fraction'], '.3f')} "
-                     f"| {cell(100 * row['score'], '.1f')} | {cell(100 * row['relative'], '.0f')}% "
-                     f"| {cell(row['kl'], '.3f')} | {cell(row['delta_nll'], '+.3f')} | {row['cells']} |")
+        ci = f"[{_cell(100 * row['ci_low'], '.1f')}, {_cell(100 * row['ci_high'], '.1f')}]"
+        if math.isnan(row["ci_low"]):
+            ci = "–"
+        line = (f"| {row['length']} | {row['task']} | {row['press']} | {row['ratio']:g} "
+                f"| {_cell(row['kept_fraction'], '.3f')} | {_cell(100 * row['score'], '.1f')} | {ci} "
+                f"| {_cell(100 * row['relative'], '.0f')}% |")
+        if fidelity:
+            line += f" {_cell(row['kl'], '.3f')} | {_cell(row['delta_nll'], '+.3f')} |"
+        lines.append(line + f" {row['cells']} |")
+    return "\n".join(lines)
+
+
+def paired_rows(records: list[dict], reference: str) -> list[dict]:
+    """Each press's score minus ``reference``'s on the same samples, per length, task and ratio.
+
+    The reference is taken at the same ratio (or at ratio 0 when it is the full cache). Returns dicts with ``press``,
+    ``ratio``, ``length``, ``task`` and the fields of :class:`~kvpress_like.eval.stats.PairedDifference`.
+    """
+    from .stats import paired_difference
+
+    scores = defaultdict(dict)
+    for r in records:
+        if r["task"] != FIDELITY and r.get("score") is not None:
+            scores[(r["press"], r["ratio"], r["length"], r["task"])][r["index"]] = r["score"]
+    rows = []
+    for (label, ratio, length, task), mine in sorted(scores.items()):
+        if label in (reference, FULL):
+            continue
+        theirs = scores.get((reference, 0.0 if reference == FULL else ratio, length, task), {})
+        shared = sorted(set(mine) & set(theirs))
+        if shared:
+            diff = paired_difference([mine[i] for i in shared], [theirs[i] for i in shared])
+            rows.append({"press": label, "ratio": ratio, "length": length, "task": task, **vars(diff)})
+    return rows
+
+
+def paired_table(records: list[dict], reference: str) -> str:
+    """A markdown table of :func:`paired_rows`: differences in points with 95 % bootstrap intervals."""
+    lines = [f"| length | task | press | ratio | minus {reference} (points) | 95 % CI | only this | only ref | n |",
+             "|---:|---|---|---:|---:|---|---:|---:|---:|"]
+    for row in paired_rows(records, reference):
+        lines.append(f"| {row['length']} | {row['task']} | {row['press']} | {row['ratio']:g} | {100 * row['mean']:+.1f} "
+                     f"| [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] | {row['a_only']} | {row['b_only']} "
+                     f"| {row['n']} |")
     return "\n".join(lines)
 
 
@@ -422,12 +492,17 @@ def plot(rows: list[dict], path: str | Path) -> Path:
                             key=lambda r: r["kept_fraction"])
             name = label if len(lengths) == 1 else f"{label} ({length})"
             for ax, metric, scale in ((axes[0][0], "score", 100),) + (((axes[0][1], "kl", 1),) if has_kl else ()):
-                xs = [p["kept_fraction"] for p in points if not math.isnan(p[metric])]
-                ys = [scale * p[metric] for p in points if not math.isnan(p[metric])]
-                if xs:
+                shown = [p for p in points if not math.isnan(p[metric])]
+                xs = [p["kept_fraction"] for p in shown]
+                ys = [scale * p[metric] for p in shown]
+                if xs and metric == "score":  # 95 % interval as error bars
+                    yerr = [[y - scale * p["ci_low"] for y, p in zip(ys, shown)],
+                            [scale * p["ci_high"] - y for y, p in zip(ys, shown)]]
+                    ax.errorbar(xs, ys, yerr=yerr, label=name, capsize=3, **style)
+                elif xs:
                     ax.plot(xs, ys, label=name, **style)
     axes[0][0].set(xlabel="kept fraction of the context's KV pairs", ylabel="score (%)",
-                   title="task score vs kept fraction")
+                   title="task score vs kept fraction (bars: 95 % interval)")
     if has_kl:
         axes[0][1].set(xlabel="kept fraction of the context's KV pairs", ylabel="KL(full ‖ press), nats",
                        title="fidelity: next-token KL vs kept fraction")

@@ -1,0 +1,144 @@
+"""Side-by-side answer quality against NVIDIA kvpress on exactly the same prompts (query-agnostic protocol).
+
+kvpress pins an older transformers, so it runs in its own virtual environment (``--setup`` creates one:
+``torch==2.13.0`` first, then ``kvpress`` and ``gguf``). For every task and length the samples of
+``kvpress_like.eval.tasks`` are tokenized once here (``encode_prompt``: the chat-templated prompt split after the
+context); ``kvpress_worker.py`` answers those very token ids with kvpress (context prefilled under the press, question
+decoded greedily by kvpress's own pipeline), and ``kvpress-like eval``'s runner answers them with our presses. Both
+sets of answers are scored by ``kvpress_like.eval.metrics`` and written to one ``results.jsonl`` (kvpress's rows are
+labelled ``kvpress:<Press>``), so the summary pairs them sample by sample.
+
+    python benchmarks/compare_kvpress.py --setup /tmp/kvpress-venv          # once (about 2 minutes)
+    python benchmarks/compare_kvpress.py --kvpress-python /tmp/kvpress-venv/bin/python \\
+        --tasks niah_single_2 niah_multikey_1 qa_1 --length 2048 --samples 50 --output compare_results
+
+Prints per task, length and ratio each press's score with its 95 % interval and the paired difference of each of our
+presses against kvpress's (mean over shared samples, bootstrap 95 % interval, and the samples only one side answers).
+Interrupted runs resume: cells already in ``results.jsonl`` are skipped, on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PRESSES = ["compactor", "compactor:allocator=head_adaptive"]
+
+
+def setup_venv(path: Path) -> Path:
+    """Create a virtual environment with kvpress at ``path``; returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    python = path / "bin" / "python"
+    for packages in (["torch==2.13.0"], ["kvpress", "gguf", "sentencepiece"]):  # torch first: the CPU build on disk
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+    return python
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setup", metavar="DIR", help="create a kvpress virtual environment in DIR and exit")
+    parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
+                        help="python of the kvpress environment (default: $KVPRESS_PYTHON)")
+    parser.add_argument("--kvpress-press", default="CompactorPress", help="kvpress press class (default CompactorPress)")
+    parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="our press specs, as for kvpress-like eval")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    parser.add_argument("--tasks", nargs="+", default=["niah_single_2", "niah_multikey_1", "qa_1"])
+    parser.add_argument("--length", nargs="+", type=int, default=[2048])
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="compare_results")
+    parser.add_argument("--skip-ours", action="store_true", help="only run kvpress's side")
+    args = parser.parse_args(argv)
+    if args.setup:
+        print(setup_venv(Path(args.setup)))
+        return 0
+    if not args.kvpress_python:
+        parser.error("give --kvpress-python (or set KVPRESS_PYTHON); create the environment with --setup DIR")
+
+    import torch
+
+    from kvpress_like.eval import DEFAULT_GGUF_FILE, default_model_dir, load_default_model
+    from kvpress_like.eval.metrics import score
+    from kvpress_like.eval.runner import (
+        FULL,
+        RESULTS_FILE,
+        cell_key,
+        format_table,
+        load_results,
+        paired_table,
+        run_eval,
+        summarize,
+    )
+    from kvpress_like.eval.tasks import generate_samples
+    from kvpress_like.pipeline import encode_prompt
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = output / RESULTS_FILE
+    label = f"kvpress:{args.kvpress_press}"
+    model_name, mode = "default", "query_agnostic"
+    model, tokenizer = load_default_model()
+    for length in args.length:
+        for task in args.tasks:
+            samples = generate_samples(task, tokenizer, length, args.samples, seed=args.seed)
+            done = load_results(results)
+            todo = [(s, r) for s in samples for r in args.ratios
+                    if cell_key(model_name, label, r, task, length, mode, s.index, args.seed) not in done]
+            if not todo:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                inputs, answers = Path(tmp) / "samples.jsonl", Path(tmp) / "answers.jsonl"
+                with inputs.open("w", encoding="utf-8") as sink:
+                    for sample in {s.index: s for s, _ in todo}.values():
+                        context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question,
+                                                                sample.answer_prefix)
+                        sink.write(json.dumps({"index": sample.index, "task": task,
+                                               "context_ids": context_ids[0].tolist(),
+                                               "suffix_ids": suffix_ids[0].tolist(),
+                                               "max_new_tokens": sample.max_new_tokens}) + "\n")
+                ratios = sorted({r for _, r in todo})
+                start = time.perf_counter()
+                subprocess.run([args.kvpress_python, str(HERE / "kvpress_worker.py"), "--input", str(inputs),
+                                "--output", str(answers), "--press", args.kvpress_press,
+                                "--ratios", *map(str, ratios), "--model-dir", str(default_model_dir()),
+                                "--gguf-file", DEFAULT_GGUF_FILE], check=True)
+                print(f"kvpress: {task} {length}: {len(todo)} cells in {time.perf_counter() - start:.0f} s",
+                      file=sys.stderr)
+                by_index = {s.index: s for s in samples}
+                with results.open("a", encoding="utf-8") as sink:
+                    for line in answers.read_text(encoding="utf-8").splitlines():
+                        answer = json.loads(line)
+                        sample = by_index[answer["index"]]
+                        prediction = answer["answer"].strip()
+                        key = cell_key(model_name, label, answer["ratio"], task, length, mode, sample.index, args.seed)
+                        sink.write(json.dumps({
+                            "key": key, "model": model_name, "press": label, "ratio": answer["ratio"], "task": task,
+                            "length": length, "mode": mode, "index": sample.index, "seed": args.seed,
+                            "score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
+                            "answers": list(sample.answers), "kept_fraction": answer["kept"],
+                            "context_tokens": len(encode_prompt(tokenizer, sample.context, sample.question,
+                                                                sample.answer_prefix)[0][0]),
+                            "seconds": answer["seconds"]}) + "\n")
+    if not args.skip_ours:
+        with torch.no_grad():
+            run_eval(model, tokenizer, presses=args.presses, ratios=args.ratios, tasks=args.tasks,
+                     lengths=args.length, samples=args.samples, output_dir=output, seed=args.seed,
+                     model_name=model_name)
+    records = [r for r in load_results(results).values()
+               if r["seed"] == args.seed and r["task"] in args.tasks and r["length"] in args.length
+               and r["index"] < args.samples and (r["press"] in (FULL, label, *args.presses))]
+    print(format_table(summarize(records)))
+    print()
+    print(paired_table(records, reference=label))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
