@@ -3,6 +3,9 @@
 Third-party plugins are packages exposing an entry point in the group ``kvpress_like``; they are loaded lazily,
 once, the first time the registry is consulted. Set ``KVPRESS_LIKE_NO_PLUGINS=1`` to skip loading them (the
 built-in plugin is always loaded).
+
+A plugin that fails to load, implements a hook that does not exist (e.g. a misspelled name), or whose hook raises
+makes the registry raise a :class:`PluginError` naming the plugin.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from . import hookspecs
 PROJECT = "kvpress_like"
 DISABLE_ENV = "KVPRESS_LIKE_NO_PLUGINS"
 hookimpl = pluggy.HookimplMarker(PROJECT)
+_DISABLE_HINT = f"set {DISABLE_ENV}=1 to disable third-party plugins"
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load, implements an unknown hook, or one of its hooks raised; the message names it."""
 
 
 @dataclass
@@ -41,14 +49,45 @@ def plugin_manager() -> pluggy.PluginManager:
         manager.add_hookspecs(hookspecs)
         manager.register(builtin, name="builtin")
         if os.environ.get(DISABLE_ENV, "") in ("", "0"):
-            manager.load_setuptools_entrypoints(PROJECT)
+            try:
+                manager.load_setuptools_entrypoints(PROJECT)
+            except Exception as error:
+                import importlib.metadata
+
+                pending = [f"{ep.name!r} ({ep.value})" for dist in importlib.metadata.distributions()
+                           for ep in dist.entry_points if ep.group == PROJECT and manager.get_plugin(ep.name) is None]
+                raise PluginError(f"third-party plugin {pending[0] if pending else '?'} failed to load: "
+                                  f"{type(error).__name__}: {error}; {_DISABLE_HINT}") from error
+            _check_hooks(manager)
         _manager = manager
     return _manager
 
 
+def _check_hooks(manager: pluggy.PluginManager, plugin=None) -> None:
+    """Refuse hook implementations that match no hook specification (a misspelled hook name); ``plugin`` is
+    unregistered first when given."""
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as error:
+        name = manager.get_name(error.plugin)
+        if plugin is not None:
+            manager.unregister(plugin)
+        known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
+        raise PluginError(f"plugin {name!r}: {error} (the hooks are: {known}); {_DISABLE_HINT}") from error
+
+
 def register_plugin(plugin, name: str | None = None) -> None:
-    """Register a plugin object or module at run time (useful in tests and notebooks)."""
-    plugin_manager().register(plugin, name=name)
+    """Register a plugin object or module at run time (useful in tests and notebooks).
+
+    Raises:
+        PluginError: the plugin implements a hook that does not exist or with arguments the hook does not have.
+    """
+    manager = plugin_manager()
+    try:
+        manager.register(plugin, name=name)
+    except pluggy.PluginValidationError as error:
+        raise PluginError(f"plugin {name or plugin!r}: {error}") from error
+    _check_hooks(manager, plugin)
     _invalidate()
 
 
@@ -98,9 +137,14 @@ def _collect() -> _Tables:
         for model_type in arch.model_types:
             add(tables.by_model_type, "model type", model_type, arch)
 
-    hook.register_presses(register=register_press)
-    hook.register_allocators(register=register_allocator)
-    hook.register_architectures(register=register_architecture)
+    for hook_name, callback in (("register_presses", register_press), ("register_allocators", register_allocator),
+                                ("register_architectures", register_architecture)):
+        for impl in reversed(getattr(hook, hook_name).get_hookimpls()):  # pluggy's call order
+            try:
+                impl.function(*[callback for _ in impl.argnames])  # the hooks' only argument is `register`
+            except Exception as error:
+                raise PluginError(f"plugin {impl.plugin_name!r} failed in its {hook_name} hook: "
+                                  f"{type(error).__name__}: {error}; {_DISABLE_HINT}") from error
     _tables = tables
     return tables
 

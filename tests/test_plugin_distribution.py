@@ -290,3 +290,101 @@ def test_every_hookspec_is_documented_and_tested():
     assert not undocumented, f"hooks missing from docs/plugins.md: {undocumented}"
     untested = [name for name in names if not callable(globals().get(f"test_hook_{name}"))]
     assert not untested, f"hooks without a test_hook_<name> test: {untested}"
+
+
+# -- broken plugins: the error names the plugin and says how to disable plugins ----------------------------------------
+class _RaisingPlugin:
+    @kvpress_like.hookimpl
+    def register_presses(self, register):
+        raise RuntimeError("boom in the plugin")
+
+
+class _BadNamePlugin:
+    @kvpress_like.hookimpl
+    def register_allocators(self, register):
+        register("Not Snake", _KeepAllAllocator)
+
+
+class _MisspelledPlugin:
+    @kvpress_like.hookimpl
+    def register_press(self, register):  # the hook is register_presses
+        register("never", _LatestPress)
+
+
+@pytest.fixture
+def broken_plugin(request):
+    plugin = request.param()
+    kvpress_like.register_plugin(plugin, name="broken")
+    try:
+        yield plugin
+    finally:
+        if registry.plugin_manager().is_registered(plugin):
+            kvpress_like.unregister_plugin(plugin)
+
+
+@pytest.mark.parametrize("broken_plugin, match", [
+    (_RaisingPlugin, "plugin 'broken' failed in its register_presses hook: RuntimeError: boom in the plugin"),
+    (_BadNamePlugin, "plugin 'broken' failed in its register_allocators hook: ValueError: allocator name must be"),
+], indirect=["broken_plugin"], ids=["raises", "bad_name"])
+def test_a_raising_plugin_hook_is_named(broken_plugin, match, capsys):
+    from kvpress_like.cli import main
+
+    hint = f"{registry.DISABLE_ENV}=1 to disable third-party plugins"
+    for call in (lambda: kvpress_like.create_press("snapkv", ratio=0.5), kvpress_like.list_presses,
+                 lambda: kvpress_like.press(_tiny_llama(), kvpress_like.KnormPress(ratio=0.5)).__enter__()):
+        with pytest.raises(registry.PluginError, match=match) as info:
+            call()
+        assert hint in str(info.value)
+    assert main(["presses"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kvpress-like: error: plugin 'broken'") and hint in err and "Traceback" not in err
+    kvpress_like.unregister_plugin(broken_plugin)
+    assert "snapkv" in kvpress_like.list_presses()
+
+
+def test_a_misspelled_hook_is_rejected():
+    plugin = _MisspelledPlugin()
+    with pytest.raises(registry.PluginError, match="plugin 'misspelled': unknown hook 'register_press'.*"
+                                                   "register_presses"):
+        kvpress_like.register_plugin(plugin, name="misspelled")
+    assert not registry.plugin_manager().is_registered(plugin)
+    assert "snapkv" in kvpress_like.list_presses()
+
+
+def _fake_entry_point_plugin(tmp_path, monkeypatch, source: str) -> None:
+    """A distribution ``fake-dist`` whose entry point ``fake`` (group ``kvpress_like``) is the module ``source``;
+    the plugin manager is created afresh so that it loads it."""
+    import importlib.metadata
+
+    (tmp_path / "fake_kvpress_plugin.py").write_text(source, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_kvpress_plugin", raising=False)
+
+    class FakeDist:
+        metadata = {"name": "fake-dist"}
+        version = "1.0"
+        entry_points = [importlib.metadata.EntryPoint("fake", "fake_kvpress_plugin", registry.PROJECT)]
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [FakeDist()])
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(registry, "_manager", None)
+    monkeypatch.setattr(registry, "_tables", None)
+
+
+@pytest.mark.parametrize("source, match", [
+    ("from kvpress_like import hookimpl\n@hookimpl\ndef register_presses(register):\n    raise KeyError('oops')\n",
+     "plugin 'fake' failed in its register_presses hook: KeyError"),
+    ("from kvpress_like import hookimpl\n@hookimpl\ndef register_allocator(register):\n    pass\n",
+     "plugin 'fake': unknown hook 'register_allocator'"),
+    ("raise ImportError('missing dependency')\n", r"third-party plugin 'fake' \(fake_kvpress_plugin\) failed to load: "
+     "ImportError: missing dependency"),
+], ids=["hook_raises", "misspelled_hook", "import_fails"])
+def test_a_broken_entry_point_plugin_is_named(source, match, tmp_path, monkeypatch):
+    _fake_entry_point_plugin(tmp_path, monkeypatch, source)
+    with pytest.raises(registry.PluginError, match=match) as info:
+        kvpress_like.list_presses()
+    assert f"{registry.DISABLE_ENV}=1" in str(info.value)
+    monkeypatch.setenv(registry.DISABLE_ENV, "1")
+    monkeypatch.setattr(registry, "_manager", None)
+    monkeypatch.setattr(registry, "_tables", None)
+    assert "snapkv" in kvpress_like.list_presses()
