@@ -24,6 +24,10 @@ from transformers.cache_utils import BaseQuantizedLayer, Cache, CacheLayerMixin,
 CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
+CROP_HINT = ("Generation that feeds candidate tokens with the prompt and crops the rejected ones (assisted decoding: "
+             "generate(assistant_model=...) or prompt_lookup_num_tokens=...) is not supported on a compressed cache.")
+
+
 def cache_in(kwargs: dict) -> Cache | None:
     """The cache passed to a forward call as keyword arguments, under either name."""
     return kwargs.get("cache", kwargs.get("past_key_values"))
@@ -72,8 +76,9 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, H_kv, q, D]`` new keys and values; returns the whole stored keys and values."""
         q = key_states.shape[-2]
-        if not self.is_initialized:  # after reset()
+        if not self.is_initialized:  # after reset(): grow from empty [B, H, 0, D] keys and values
             self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
             self.valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
         new_valid = self.pending_valid
         if new_valid is None:
@@ -141,11 +146,15 @@ class CompressedLayer(DynamicLayer):
         if n > self.physical_length - self.compressed_length:
             raise ValueError(
                 f"cannot crop {n} tokens: only {self.physical_length - self.compressed_length} tokens were appended "
-                "after the compressed context, and compressed entries cannot be un-evicted"
+                f"after the compressed context, and compressed entries cannot be un-evicted. {CROP_HINT}"
             )
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]  # the room is reused
         self.valid = self.valid[:, :-n]
         self.logical_length -= n
+
+    def fresh_layer(self) -> CacheLayerMixin:
+        """The empty layer a new prefill under a press starts from (after :meth:`reset`)."""
+        return DynamicLayer()
 
     def reset(self) -> None:
         """Empty the layer; it then behaves as a plain growing layer (a new prefill under a press replaces it)."""
@@ -314,11 +323,16 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError("crop takes a negative number of tokens to remove")
         n = -tokens_to_remove
         if n > self.tail_keys.shape[2]:
-            raise ValueError(f"cannot crop {n} tokens: only {self.tail_keys.shape[2]} were appended after compression")
+            raise ValueError(f"cannot crop {n} tokens: only {self.tail_keys.shape[2]} were appended after compression, "
+                             f"and compressed entries cannot be un-evicted. {CROP_HINT}")
         if n:
             self.tail_keys, self.tail_values = self.tail_keys[:, :, :-n], self.tail_values[:, :, :-n]
             self.tail_valid = self.tail_valid[:, :-n]
             self.logical_length -= n
+
+    def fresh_layer(self) -> CacheLayerMixin:
+        """The empty layer a new prefill under a press starts from (after :meth:`reset`)."""
+        return DynamicLayer()
 
     def reset(self) -> None:
         """Empty the layer (no compressed entries, no appended tokens); it then grows as a dense layer."""
@@ -379,10 +393,23 @@ class QuantizedCompressedLayer(CompressedLayer):
         self.logical_length += q
         return self.inner.update(key_states, value_states)
 
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("cropping, resetting or reordering a quantized compressed layer is not supported")
+    def fresh_layer(self) -> BaseQuantizedLayer:
+        """An empty quantized layer of the same backend, which a new prefill under a press starts from."""
+        inner = copy.copy(self.inner)
+        inner.reset()
+        return inner
 
-    crop = reset = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+    def reset(self) -> None:
+        """Empty the layer; it then grows as a plain quantized layer (a new prefill under a press replaces it)."""
+        self.inner = self.fresh_layer()
+        self.valid = self.valid[:, :0]
+        self.logical_length = self.compressed_length = 0
+        self.pending_valid = None
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError(f"cropping or reordering a quantized compressed layer is not supported. {CROP_HINT}")
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
     def nbytes(self) -> int:
         """Quantized storage (every tensor held by the inner layer) plus the ``[B, P]`` bool ``valid`` mask."""

@@ -163,8 +163,14 @@ class _LayerHooks:
         self.is_prefill = layer is None or layer.get_seq_length() == 0
         if self.is_prefill and self.press.compresses_prefill() and not self._captures:
             self._capture_projections(module)
+        if layer is not None and not isinstance(layer, (DynamicLayer, RaggedLayer)):
+            raise ValueError(
+                f"{type(cache).__name__} ({type(layer).__name__} layers) is not supported under a press: its layers "
+                "have a fixed size and cannot hold a compressed context. Use a DynamicCache (generate's default, or "
+                "DynamicCache(config=model.config)); cache_implementation='static' is not supported"
+            )
         if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
-            cache.layers[self.layer_idx] = DynamicLayer()  # a reset compressed layer: start afresh
+            cache.layers[self.layer_idx] = layer.fresh_layer()  # a reset compressed layer: start afresh
         if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
             return None
         hidden = kwargs["hidden_states"]

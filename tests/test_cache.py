@@ -305,3 +305,23 @@ def test_cache_reset_then_reuse_under_press():
     torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
     assert cache.get_seq_length() == 20
     assert all(layer.keys.shape[2] == 10 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "head_adaptive"])
+@pytest.mark.parametrize("decoded", [False, True], ids=["after_prefill", "after_decoding"])
+def test_cache_reset_then_reuse_without_press_equals_a_fresh_cache(allocator, decoded):
+    """A reset compressed cache used after the ``with`` block grows like a fresh cache (it raised IndexError)."""
+    model = cached_tiny_model("llama", "sdpa", initializer_range=0.2)
+    ids = random_ids(20, seed=65)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        with press(model, KnormPress(ratio=0.5, allocator=allocator)):
+            model(ids, **{CACHE_KWARG: cache})
+            if decoded:
+                model(ids[:, :1], **{CACHE_KWARG: cache})
+        cache.reset()
+        fresh = DynamicCache(config=model.config)
+        for step in (ids, ids[:, :1], ids[:, 1:3]):
+            torch.testing.assert_close(model(step, **{CACHE_KWARG: cache}).logits,
+                                       model(step, **{CACHE_KWARG: fresh}).logits, atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == fresh.get_seq_length() == 23

@@ -438,3 +438,48 @@ def test_parameter_types_are_checked_on_assignment_too():
     assert p.seed == 3
     p.seed = 4
     assert p.seed == 4
+
+
+# -- unsupported caches and generation modes, all-padding rows ------------------------------------------------------------
+def test_static_cache_is_refused_with_a_clear_error():
+    from transformers import StaticCache
+
+    model = cached_tiny_model("llama")
+    ids = random_ids(20, seed=44)
+    match = r"StaticCache \(StaticLayer layers\) is not supported under a press.*Use a DynamicCache"
+    with pytest.raises(ValueError, match=match):
+        with press(model, KnormPress(ratio=0.5)), torch.no_grad():
+            model(ids, **{CACHE_KWARG: StaticCache(config=model.config, max_cache_len=64)})
+    with pytest.raises(ValueError, match=match):
+        with press(model, KnormPress(ratio=0.5)):
+            model.generate(ids, cache_implementation="static", max_new_tokens=2, do_sample=False)
+    assert attention_hooks(model) == [] and active_press(model) is None
+
+
+def test_assisted_decoding_is_refused_with_a_clear_error():
+    model = cached_tiny_model("llama", initializer_range=0.2)
+    assistant = cached_tiny_model("llama", seed=1, initializer_range=0.2)
+    ids = random_ids(20, seed=45)
+    with pytest.raises(ValueError, match=r"cannot crop .*assisted decoding: generate\(assistant_model=...\).* is not "
+                                         "supported on a compressed cache"):
+        with press(model, KnormPress(ratio=0.5)):
+            model.generate(ids, assistant_model=assistant, max_new_tokens=5, do_sample=False)
+    assert attention_hooks(model) == [] and active_press(model) is None
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "head_adaptive", "pyramid", "kvcompose", "dynamic"])
+def test_a_row_that_is_all_padding_keeps_nothing_and_the_others_are_unaffected(allocator):
+    """Head-adaptive, pyramid and dynamic allocators raised "cannot distribute 0 between bounds ..."."""
+    model = cached_tiny_model("llama", initializer_range=0.2)
+    ids = random_ids(20, batch=2, seed=46)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with press(model, KnormPress(ratio=0.5, allocator=allocator)), torch.no_grad():
+        batch, alone = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        out = model(ids, attention_mask=mask, **{CACHE_KWARG: batch}).logits
+        expected = model(ids[:1], **{CACHE_KWARG: alone}).logits
+        step = model(ids[:, :1], attention_mask=step_mask, **{CACHE_KWARG: batch}).logits
+        expected_step = model(ids[:1, :1], **{CACHE_KWARG: alone}).logits
+    torch.testing.assert_close(out[:1], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[:1], expected_step, atol=1e-5, rtol=0)

@@ -123,3 +123,20 @@ def test_limits_are_clear_errors(tmp_path):
         cache.crop(N - 1)
     with pytest.raises(TypeError, match="QuantizedCache"):
         save_cache(tmp_path / "c.kvc", cache, model, ids)
+
+
+def test_reset_then_reuse_under_a_press_compresses_again_quantized():
+    model = cached_tiny_model(**LLAMA)
+    ids = random_ids(N, seed=10)
+    cache = fp8_cache(model)
+    with press(model, StreamingLLMPress(ratio=0.5)), torch.no_grad():
+        first = model(ids, **{CACHE_KWARG: cache}).logits
+        kept = [dequantized(layer) for layer in cache.layers]
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        second = model(ids, **{CACHE_KWARG: cache}).logits
+    torch.testing.assert_close(second, first)
+    for layer, (keys, values) in zip(cache.layers, kept):
+        assert isinstance(layer, QuantizedCompressedLayer)
+        again = dequantized(layer)
+        assert torch.equal(again[0], keys) and torch.equal(again[1], values)

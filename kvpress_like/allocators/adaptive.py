@@ -37,6 +37,9 @@ class HeadAdaptiveAllocator(Allocator):
         n_real, n_prot = valid.sum(-1).tolist(), protected.sum(-1).tolist()
         counts = torch.empty(b, h, dtype=torch.long)
         for row in range(b):
+            if n_real[row] == 0:  # a row that is all padding keeps nothing
+                counts[row] = 0
+                continue
             per_head = int(budget[row])
             winners = scores[row].flatten().topk(h * per_head).indices // s
             hits = torch.bincount(winners, minlength=h).float()

@@ -64,7 +64,8 @@ class Allocator:
             layers: indices of every compressible layer of the model, ascending.
 
         Returns:
-            ``[B, H_kv]`` long, each entry in ``[max(1, n_protected_b), n_real_b]``.
+            ``[B, H_kv]`` long, each entry in ``[max(1, n_protected_b), n_real_b]`` (0 for a row that is all
+            padding).
         """
         raise NotImplementedError(f"{type(self).__name__} is a {self.scope}-scope allocator")
 

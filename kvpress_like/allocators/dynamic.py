@@ -40,6 +40,9 @@ class DynamicAllocator(Allocator):
         n_real, n_prot = valid.sum(-1).tolist(), protected.sum(-1).tolist()
         counts = torch.empty(n_layers, b, dtype=torch.long)
         for row in range(b):
+            if n_real[row] == 0:  # a row that is all padding keeps nothing
+                counts[:, row] = 0
+                continue
             per_head = int(budget[row])
             flat = torch.stack([layer_scores[row] for layer_scores in scores]).flatten()  # [L * H * S]
             winners = flat.topk(n_layers * h * per_head).indices // (h * s)

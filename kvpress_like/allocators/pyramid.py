@@ -48,6 +48,9 @@ class PyramidAllocator(Allocator):
         counts = []
         n_layers = len(layers)
         for row in range(b):
+            if n_real[row] == 0:  # a row that is all padding keeps nothing
+                counts.append(0)
+                continue
             free = int(budget[row]) - n_prot[row]  # the profile applies beyond the protected tokens
             lower = 1 if n_prot[row] == 0 else 0
             per_layer = distribute(n_layers * free, weights, [lower] * n_layers, [n_real[row] - n_prot[row]] * n_layers)
