@@ -15,6 +15,7 @@ from .allocators import (
     UniformAllocator,
 )
 from .cache import CompressedLayer, RaggedLayer, cache_bytes
+from .calibration import CalibratedPress
 from .chunked import chunked_prefill
 from .compressors.chunkkv import ChunkKVPress
 from .compressors.compactor import CompactorPress
@@ -54,6 +55,7 @@ _register_pipeline()
 __all__ = [
     "Allocator",
     "Architecture",
+    "CalibratedPress",
     "ChunkKVPress",
     "CompactorPress",
     "CURPress",

@@ -244,3 +244,12 @@ def test_shipped_calibration_files_are_valid_and_cover_the_built_in_scorers():
             # predicted retention for a typical context NLL is a valid fraction, and grows with the quality asked
             model = QualityModel(entry["alpha"], entry["beta"])
             assert 0 <= model.retention(0.5, 2.5) <= model.retention(0.95, 2.5) <= 1
+
+
+def test_calibrated_press_is_exported_at_the_top_level():
+    import kvpress_like
+    from kvpress_like.calibration import CalibratedPress as Defined
+
+    assert kvpress_like.CalibratedPress is Defined
+    assert "CalibratedPress" in kvpress_like.__all__
+    assert isinstance(kvpress_like.CompactorPress(ratio="auto", quality=0.9), kvpress_like.CalibratedPress)
