@@ -294,11 +294,11 @@ class CalibratedPress(Press):
         seen = {}
 
         def keep_ids(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            seen["ids"] = ids
+            if scope.in_owner_thread():  # forwards in other threads are not pressed
+                seen["ids"] = kwargs.get("input_ids", args[0] if args else None)
 
         def finish(module, args, output):
-            if not scope.pending or scope.cache is None:
+            if not scope.in_owner_thread() or not scope.pending or scope.cache is None:
                 return None  # not a prefill (or nothing compressible happened)
             ids = seen.get("ids")
             if ids is None:

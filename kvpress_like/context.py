@@ -9,6 +9,9 @@ Two forward hooks per compressible attention module do all the work:
 
 Decoding steps and any later forward on the same cache are never compressed by a prefill press.
 
+The hooks act only in the thread that entered ``press(...)``: a forward of the same model in another thread runs as
+without a press (and does not disturb the pressed thread's state).
+
 While a press is active, the model's sdpa attention function (``ALL_ATTENTION_FUNCTIONS``) is wrapped:
 
 * during a prefill being compressed it keeps the post-RoPE queries (and forward hooks keep the outputs of the query
@@ -49,6 +52,8 @@ def _wrapped_attention(original):
 
     def attention(module, query, *args, **kwargs):
         hooks = _HOOKED.get(module)
+        if hooks is not None and not hooks.in_owner_thread():
+            hooks = None  # another thread's forward: not pressed
         if hooks is not None and hooks.ragged is not None:  # keys/values passed are placeholders: see `before`
             out = ragged_layer_attention(query, hooks.ragged, kwargs.get("scaling"))  # [B, H_q, q, D]
             return out.transpose(1, 2).contiguous(), None
@@ -86,10 +91,15 @@ class _ModelScope:
     """Scores of every compressible layer of one prefill, held until the last one is in (model-scope allocators),
     or until the press chooses its ratio after the whole forward (presses with ``defers_selection``)."""
 
-    def __init__(self, p: Press, layers: tuple[int, ...]):
-        self.press, self.layers = p, layers
+    def __init__(self, p: Press, layers: tuple[int, ...], owner: int | None = None):
+        self.press, self.layers, self.owner = p, layers, owner
         self.pending: dict[int, tuple] = {}
         self.cache = None
+
+    def in_owner_thread(self) -> bool:
+        """Whether the calling thread is the one that entered ``press(...)`` (hooks act only there); any thread when
+        no owner was given."""
+        return self.owner is None or threading.get_ident() == self.owner
 
     def add(self, ctx: LayerContext, cache) -> None:
         if ctx.layer_idx == self.layers[0]:
@@ -125,9 +135,9 @@ class _LayerHooks:
     """Hooks of one attention module."""
 
     def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, layers: tuple[int, ...],
-                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None):
+                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None, owner: int):
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
-        self.layers, self.rotary_emb, self.model_scope = layers, rotary_emb, model_scope
+        self.layers, self.rotary_emb, self.model_scope, self.owner = layers, rotary_emb, model_scope, owner
         self.is_prefill = False
         self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
         self._captures: list = []
@@ -140,9 +150,14 @@ class _LayerHooks:
             names = [which for which, m in targets.items() if m is target]
 
             def keep(mod, args, output, names=names):
-                self.projections.update(dict.fromkeys(names, output))
+                if self.in_owner_thread():
+                    self.projections.update(dict.fromkeys(names, output))
 
             self._captures.append(target.register_forward_hook(keep))
+
+    def in_owner_thread(self) -> bool:
+        """Whether the calling thread is the one that entered ``press(...)`` (hooks act only there)."""
+        return threading.get_ident() == self.owner
 
     def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
         """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
@@ -155,6 +170,8 @@ class _LayerHooks:
         return self.rotary_emb(*args)
 
     def before(self, module: nn.Module, args, kwargs):
+        if not self.in_owner_thread():
+            return None
         cache = cache_in(kwargs)
         self.is_prefill, self.ragged = False, None  # (also after a forward that raised)
         if cache is None:
@@ -208,6 +225,8 @@ class _LayerHooks:
         )
 
     def after(self, module: nn.Module, args, kwargs, output):
+        if not self.in_owner_thread():
+            return None
         cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
         self.ragged = None
@@ -239,7 +258,8 @@ class _LayerHooks:
 
 @contextmanager
 def press(model: nn.Module, p: Press):
-    """Compress every context prefilled by ``model`` inside the block with press ``p``.
+    """Compress every context prefilled by ``model`` inside the block with press ``p``, in this thread: forwards of
+    ``model`` in other threads are not pressed (enter the block in the thread that runs them).
 
     Args:
         model: a supported transformers causal LM (``kvpress-like presses`` lists the architectures).
@@ -279,13 +299,15 @@ def press(model: nn.Module, p: Press):
             "exit its `with press(...)` block before installing another"
         )
     layer_ids = tuple(compressible)
-    model_scope = _ModelScope(p, layer_ids) if p._allocator.scope == "model" or p.defers_selection else None
+    owner = threading.get_ident()
+    model_scope = (_ModelScope(p, layer_ids, owner) if p._allocator.scope == "model" or p.defers_selection
+                   else None)
     handles, all_hooks = [], []
-    _ACTIVE[model] = p
+    _ACTIVE[model] = (p, owner)
     _wrap_attention(+1)
     try:
         for idx, attn in zip(compressible, attentions):
-            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope)
+            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner)
             all_hooks.append(hooks)
             _HOOKED[attn] = hooks
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
@@ -303,5 +325,6 @@ def press(model: nn.Module, p: Press):
 
 
 def active_press(model: nn.Module) -> Press | None:
-    """The press installed on ``model``, or ``None``."""
-    return _ACTIVE.get(model)
+    """The press installed on ``model`` by this thread (the one that applies to its forwards), or ``None``."""
+    p, owner = _ACTIVE.get(model, (None, None))
+    return p if owner == threading.get_ident() else None

@@ -483,3 +483,75 @@ def test_a_row_that_is_all_padding_keeps_nothing_and_the_others_are_unaffected(a
         expected_step = model(ids[:1, :1], **{CACHE_KWARG: alone}).logits
     torch.testing.assert_close(out[:1], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(step[:1], expected_step, atol=1e-5, rtol=0)
+
+
+# -- a press applies to the thread that installed it --------------------------------------------------------------------
+def _calibrated_press(model, tmp_path):
+    import json
+
+    from kvpress_like.calibration import FORMAT, model_fingerprint
+
+    params = tmp_path / "cal.json"
+    params.write_text(json.dumps({"format": FORMAT, "model": {"weights_sha256": model_fingerprint(model)},
+                                  "presses": {"knorm": {"alpha": -0.5, "beta": 0.5}}}))
+    return KnormPress(ratio="auto", quality=0.8, params=str(params))
+
+
+@pytest.mark.parametrize("kind", ["knorm", "head_adaptive", "calibrated"])
+def test_a_press_acts_only_in_the_thread_that_installed_it(kind, tmp_path):
+    """While thread A holds a press on the model, thread B's plain forwards of the same model, running at the same
+    time, are not compressed (they were), and A's compression is not disturbed by them."""
+    import threading
+
+    model = cached_tiny_model("llama", initializer_range=0.2)
+    ids_a, ids_b = random_ids(40, seed=47), random_ids(30, seed=48)
+    make = {"knorm": lambda: KnormPress(ratio=0.5), "head_adaptive": lambda: KnormPress(ratio=0.5,
+                                                                                        allocator="head_adaptive"),
+            "calibrated": lambda: _calibrated_press(model, tmp_path)}[kind]
+    expected_a = prefill(model, ids_a, make())
+    expected_b = prefill(model, ids_b)
+    rounds = 8
+    results, errors = {"a": [], "b": []}, []
+    inside = threading.Event()
+    b_done = threading.Event()
+
+    def thread_a():
+        try:
+            with press(model, make()), torch.no_grad():
+                inside.set()
+                for _ in range(rounds):
+                    cache = DynamicCache(config=model.config)
+                    model(ids_a, **{CACHE_KWARG: cache})
+                    results["a"].append(cache)
+                b_done.wait(timeout=120)  # the press stays installed until B is done
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            inside.set()
+
+    def thread_b():
+        try:
+            inside.wait(timeout=120)
+            with torch.no_grad():
+                for _ in range(rounds):
+                    cache = DynamicCache(config=model.config)
+                    model(ids_b, **{CACHE_KWARG: cache})
+                    results["b"].append(cache)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            b_done.set()
+
+    with torch_threads(1):
+        workers = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=300)
+    assert errors == []
+    assert len(results["a"]) == len(results["b"]) == rounds
+    for got, expected in [(c, expected_a) for c in results["a"]] + [(c, expected_b) for c in results["b"]]:
+        assert [type(layer) for layer in got.layers] == [type(layer) for layer in expected.layers]
+        for layer, reference in zip(got.layers, expected.layers):
+            assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    assert all(type(layer).__name__ == "DynamicLayer" for c in results["b"] for layer in c.layers)
+    assert attention_hooks(model) == [] and active_press(model) is None
