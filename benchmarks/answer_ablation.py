@@ -24,6 +24,39 @@ from pathlib import Path
 import torch
 
 
+def batches(caches) -> list[list[int]]:
+    """Indices of ``caches`` grouped so that each group stacks along the batch (every layer a dense compressed
+    layer of the same shape); other caches form groups of one."""
+    from kvpress_like.cache import CompressedLayer
+
+    groups: dict = {}
+    for i, cache in enumerate(caches):
+        layers = cache.layers
+        if all(type(layer) is CompressedLayer for layer in layers):
+            shape = tuple((tuple(layer.keys.shape), layer.logical_length) for layer in layers)
+        else:
+            shape = ("alone", i)
+        groups.setdefault(shape, []).append(i)
+    return list(groups.values())
+
+
+def stack(caches):
+    """One cache whose batch rows are the given caches' rows (see :func:`batches`)."""
+    from transformers import DynamicCache
+
+    from kvpress_like.cache import CompressedLayer
+
+    caches = list(caches)
+    if len(caches) == 1:
+        return caches[0]
+    out = DynamicCache()
+    out.layers = [CompressedLayer(torch.cat([c.layers[i].keys for c in caches]),
+                                  torch.cat([c.layers[i].values for c in caches]),
+                                  torch.cat([c.layers[i].valid for c in caches]), caches[0].layers[i].logical_length)
+                  for i in range(len(caches[0].layers))]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presses", nargs="+", required=True)
@@ -63,15 +96,22 @@ def main(argv=None) -> int:
                 follow = torch.cat([suffix_ids, answer], dim=1)
                 with torch.no_grad(), press(model, shared.recorder):
                     full = prefill(model, context_ids)
-                    for label, ratio in todo:
-                        cache = shared.cache_for(full, label, ratio)
-                        logits = model(input_ids=follow, **{CACHE_KWARG: cache}).logits[0, suffix_ids.shape[1] - 1:-1]
-                        record = {"key": json.dumps([label, ratio, task, args.length, sample.index, args.seed]),
-                                  "press": label, "ratio": ratio, "task": task, "length": args.length,
-                                  "index": sample.index, "seed": args.seed,
-                                  "match": float(bool((logits.argmax(-1) == answer[0]).all())),
-                                  "nll": float(token_nll(logits, answer[0]).mean())}
-                        sink.write(json.dumps(record) + "\n")
+                    for ratio in sorted({r for _, r in todo}):
+                        labels = [label for label, r in todo if r == ratio]
+                        caches = [shared.cache_for(full, label, ratio) for label in labels]
+                        for group in batches(caches):  # cells whose caches stack into one batch: one forward
+                            stacked = stack(caches[i] for i in group)
+                            ids = follow.expand(len(group), -1)
+                            logits = model(input_ids=ids, **{CACHE_KWARG: stacked}).logits
+                            logits = logits[:, suffix_ids.shape[1] - 1:-1]
+                            for row, i in enumerate(group):
+                                record = {"key": json.dumps([labels[i], ratio, task, args.length, sample.index,
+                                                             args.seed]),
+                                          "press": labels[i], "ratio": ratio, "task": task, "length": args.length,
+                                          "index": sample.index, "seed": args.seed,
+                                          "match": float(bool((logits[row].argmax(-1) == answer[0]).all())),
+                                          "nll": float(token_nll(logits[row], answer[0]).mean())}
+                                sink.write(json.dumps(record) + "\n")
                         sink.flush()
                 print(f"{task} #{sample.index} done", file=sys.stderr, flush=True)
 

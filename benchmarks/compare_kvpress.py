@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +40,26 @@ def setup_venv(path: Path) -> Path:
     return python
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines of ``path`` (none if it does not exist; a torn last line is ignored)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", metavar="DIR", help="create a kvpress virtual environment in DIR and exit")
     parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
                         help="python of the kvpress environment (default: $KVPRESS_PYTHON)")
-    parser.add_argument("--kvpress-press", default="CompactorPress", help="kvpress press class (default CompactorPress)")
-    parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="our press specs, as for kvpress-like eval")
+    parser.add_argument("--kvpress-press", default="CompactorPress", help="kvpress press class")
+    parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="our press specs (as for eval)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
     parser.add_argument("--tasks", nargs="+", default=["niah_single_2", "niah_multikey_1", "qa_1"])
     parser.add_argument("--length", nargs="+", type=int, default=[2048])
@@ -93,8 +105,11 @@ def main(argv=None) -> int:
                     if cell_key(model_name, label, r, task, length, mode, s.index, args.seed) not in done]
             if not todo:
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                inputs, answers = Path(tmp) / "samples.jsonl", Path(tmp) / "answers.jsonl"
+            inputs = output / f"kvpress_samples_{task}_{length}.jsonl"
+            answers = output / f"kvpress_answers_{task}_{length}.jsonl"  # appended to: survives an interruption
+            answered = {(a["index"], a["ratio"]) for a in _read_jsonl(answers)}
+            todo = [(s, r) for s, r in todo if (s.index, r) not in answered]
+            if todo:
                 with inputs.open("w", encoding="utf-8") as sink:
                     for sample in {s.index: s for s, _ in todo}.values():
                         context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question,
@@ -103,29 +118,27 @@ def main(argv=None) -> int:
                                                "context_ids": context_ids[0].tolist(),
                                                "suffix_ids": suffix_ids[0].tolist(),
                                                "max_new_tokens": sample.max_new_tokens}) + "\n")
-                ratios = sorted({r for _, r in todo})
                 start = time.perf_counter()
                 subprocess.run([args.kvpress_python, str(HERE / "kvpress_worker.py"), "--input", str(inputs),
                                 "--output", str(answers), "--press", args.kvpress_press,
-                                "--ratios", *map(str, ratios), "--model-dir", str(default_model_dir()),
-                                "--gguf-file", DEFAULT_GGUF_FILE], check=True)
+                                "--ratios", *map(str, sorted({r for _, r in todo})),
+                                "--model-dir", str(default_model_dir()), "--gguf-file", DEFAULT_GGUF_FILE], check=True)
                 print(f"kvpress: {task} {length}: {len(todo)} cells in {time.perf_counter() - start:.0f} s",
                       file=sys.stderr)
-                by_index = {s.index: s for s in samples}
-                with results.open("a", encoding="utf-8") as sink:
-                    for line in answers.read_text(encoding="utf-8").splitlines():
-                        answer = json.loads(line)
-                        sample = by_index[answer["index"]]
-                        prediction = answer["answer"].strip()
-                        key = cell_key(model_name, label, answer["ratio"], task, length, mode, sample.index, args.seed)
-                        sink.write(json.dumps({
-                            "key": key, "model": model_name, "press": label, "ratio": answer["ratio"], "task": task,
-                            "length": length, "mode": mode, "index": sample.index, "seed": args.seed,
-                            "score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
-                            "answers": list(sample.answers), "kept_fraction": answer["kept"],
-                            "context_tokens": len(encode_prompt(tokenizer, sample.context, sample.question,
-                                                                sample.answer_prefix)[0][0]),
-                            "seconds": answer["seconds"]}) + "\n")
+            by_index = {s.index: s for s in samples}
+            with results.open("a", encoding="utf-8") as sink:
+                for answer in _read_jsonl(answers):
+                    sample = by_index.get(answer["index"])
+                    key = cell_key(model_name, label, answer["ratio"], task, length, mode, answer["index"], args.seed)
+                    if sample is None or answer["ratio"] not in args.ratios or key in done:
+                        continue
+                    prediction = answer["answer"].strip()
+                    sink.write(json.dumps({
+                        "key": key, "model": model_name, "press": label, "ratio": answer["ratio"], "task": task,
+                        "length": length, "mode": mode, "index": sample.index, "seed": args.seed,
+                        "score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
+                        "answers": list(sample.answers), "kept_fraction": answer["kept"],
+                        "seconds": answer["seconds"]}) + "\n")
     if not args.skip_ours:
         with torch.no_grad():
             run_eval(model, tokenizer, presses=args.presses, ratios=args.ratios, tasks=args.tasks,
