@@ -391,7 +391,8 @@ def summarize(records: list[dict], by_task: bool = True) -> list[dict]:
 
     groups = defaultdict(list)
     for record in records:
-        groups[(record["press"], record["ratio"], record["length"], record["task"] if by_task else "all")].append(record)
+        task = record["task"] if by_task else "all"
+        groups[(record["press"], record["ratio"], record["length"], task)].append(record)
     rows = []
     for (label, ratio, length, task), cells in groups.items():
         tasks = [c for c in cells if c["task"] != FIDELITY]
@@ -467,8 +468,8 @@ def paired_table(records: list[dict], reference: str) -> str:
     lines = [f"| length | task | press | ratio | minus {reference} (points) | 95 % CI | only this | only ref | n |",
              "|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for row in paired_rows(records, reference):
-        lines.append(f"| {row['length']} | {row['task']} | {row['press']} | {row['ratio']:g} | {100 * row['mean']:+.1f} "
-                     f"| [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] | {row['a_only']} | {row['b_only']} "
+        lines.append(f"| {row['length']} | {row['task']} | {row['press']} | {row['ratio']:g} "
+                     f"| {100 * row['mean']:+.1f} | [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] | {row['a_only']} | {row['b_only']} "
                      f"| {row['n']} |")
     return "\n".join(lines)
 
