@@ -469,8 +469,8 @@ def paired_table(records: list[dict], reference: str) -> str:
              "|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for row in paired_rows(records, reference):
         lines.append(f"| {row['length']} | {row['task']} | {row['press']} | {row['ratio']:g} "
-                     f"| {100 * row['mean']:+.1f} | [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] | {row['a_only']} | {row['b_only']} "
-                     f"| {row['n']} |")
+                     f"| {100 * row['mean']:+.1f} | [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] "
+                     f"| {row['a_only']} | {row['b_only']} | {row['n']} |")
     return "\n".join(lines)
 
 
