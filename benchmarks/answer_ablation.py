@@ -24,39 +24,6 @@ from pathlib import Path
 import torch
 
 
-def batches(caches) -> list[list[int]]:
-    """Indices of ``caches`` grouped so that each group stacks along the batch (every layer a dense compressed
-    layer of the same shape); other caches form groups of one."""
-    from kvpress_like.cache import CompressedLayer
-
-    groups: dict = {}
-    for i, cache in enumerate(caches):
-        layers = cache.layers
-        if all(type(layer) is CompressedLayer for layer in layers):
-            shape = tuple((tuple(layer.keys.shape), layer.logical_length) for layer in layers)
-        else:
-            shape = ("alone", i)
-        groups.setdefault(shape, []).append(i)
-    return list(groups.values())
-
-
-def stack(caches):
-    """One cache whose batch rows are the given caches' rows (see :func:`batches`)."""
-    from transformers import DynamicCache
-
-    from kvpress_like.cache import CompressedLayer
-
-    caches = list(caches)
-    if len(caches) == 1:
-        return caches[0]
-    out = DynamicCache()
-    out.layers = [CompressedLayer(torch.cat([c.layers[i].keys for c in caches]),
-                                  torch.cat([c.layers[i].values for c in caches]),
-                                  torch.cat([c.layers[i].valid for c in caches]), caches[0].layers[i].logical_length)
-                  for i in range(len(caches[0].layers))]
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presses", nargs="+", required=True)
@@ -72,7 +39,7 @@ def main(argv=None) -> int:
     from kvpress_like.context import press
     from kvpress_like.eval import load_default_model
     from kvpress_like.eval.fidelity import token_nll
-    from kvpress_like.eval.runner import PressSpec, SharedPrefill, load_results, prefill
+    from kvpress_like.eval.runner import PressSpec, SharedPrefill, load_results, prefill, stack_caches, stackable_groups
     from kvpress_like.eval.stats import paired_difference, wilson_interval
     from kvpress_like.eval.tasks import generate_samples
     from kvpress_like.pipeline import encode_prompt
@@ -99,8 +66,8 @@ def main(argv=None) -> int:
                     for ratio in sorted({r for _, r in todo}):
                         labels = [label for label, r in todo if r == ratio]
                         caches = [shared.cache_for(full, label, ratio) for label in labels]
-                        for group in batches(caches):  # cells whose caches stack into one batch: one forward
-                            stacked = stack(caches[i] for i in group)
+                        for group in stackable_groups(caches):  # cells whose caches stack into one batch: one forward
+                            stacked = stack_caches([caches[i] for i in group]) if len(group) > 1 else caches[group[0]]
                             ids = follow.expand(len(group), -1)
                             logits = model(input_ids=ids, **{CACHE_KWARG: stacked}).logits
                             logits = logits[:, suffix_ids.shape[1] - 1:-1]

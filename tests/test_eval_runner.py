@@ -157,20 +157,25 @@ def test_bad_grids_fail_before_loading_a_model(args, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["query_agnostic", "query_aware"])
-def test_shared_prefill_gives_the_same_cells_as_one_prefill_per_cell(model_dir, tmp_path, mode):
-    """Cells computed from one recorded prefill equal cells computed with their own prefill under the press."""
+def test_shared_prefill_gives_the_same_cells_as_one_prefill_per_cell(model_dir, tmp_path, mode, monkeypatch):
+    """Cells computed from one recorded prefill (answered in batches where their caches stack) equal cells computed
+    with their own prefill under the press."""
     from kvpress_like.eval.fidelity import fidelity
     from kvpress_like.eval.model import load_model
     from kvpress_like.eval.tasks import generate_samples
 
+    answer_rows = runner.answer_rows
     model, tokenizer = load_model(str(model_dir))
-    presses = ["knorm", "snapkv:window=4", "compactor:allocator=head_adaptive", "chunkkv"]
+    presses = ["knorm", "snapkv:window=4", "compactor:allocator=head_adaptive", "chunkkv", "compactor:blending=None"]
+    batched = []  # cells of one ratio with dense layers are answered as the rows of one batch
+    monkeypatch.setattr(runner, "answer_rows", lambda *a, **k: batched.append(1) or answer_rows(*a, **k))
     records = runner.run_eval(model, tokenizer, presses=presses, ratios=[0.5, 0.8], tasks=["niah_single_2", "fidelity"],
                               lengths=[300], samples=1, max_new_tokens=3, progress=False, mode=mode,
                               output_dir=tmp_path)
     sample = generate_samples("niah_single_2", tokenizer, 300, 1)[0]
     copy = runner._samples("fidelity", tokenizer, 300, 1, 0)[0]
-    assert len(records) == (1 + 4 * 2) * 2
+    assert len(records) == (1 + 5 * 2) * 2
+    assert batched
     for record in records:
         spec = runner.PressSpec.parse(record["press"]) if record["press"] != "full" else None
         p = spec.create(record["ratio"]) if spec is not None else None

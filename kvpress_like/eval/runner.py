@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..cache import CACHE_KWARG
+from ..cache import CACHE_KWARG, CompressedLayer
 from ..context import press as press_context
 from ..pipeline import answer_on_cache, encode_prompt, kept_fraction
 from ..press import Press
@@ -190,7 +190,6 @@ class SharedPrefill:
 
     def _evaluate_shared(self, tokenizer, task, sample, cells, mode, max_new_tokens):
         from .fidelity import compare, encode
-        from .metrics import score
 
         model, out = self.model, []
         device = next(model.parameters()).device
@@ -205,27 +204,89 @@ class SharedPrefill:
             if task == FIDELITY:
                 full_logits = model(input_ids=follow, **{CACHE_KWARG: self.cache_for(full, FULL, 0.0)}).logits[0]
             shared_seconds = (time.perf_counter() - start) / len(cells)  # the prefill's cost, split over the cells
+            if task != FIDELITY:
+                return out + self._answer_cells(tokenizer, sample, cells, full, context_ids, suffix_ids,
+                                                max_new_tokens or sample.max_new_tokens, shared_seconds)
             for label, ratio, _ in cells:
                 start = time.perf_counter()
                 cache = self.cache_for(full, label, ratio)
                 kept = kept_fraction(cache)
-                if task == FIDELITY:
-                    if label == FULL:
-                        result = {"score": None, "nll_full": None, "nll_press": None, "kl": 0.0, "kept_fraction": 1.0}
-                    else:
-                        logits = model(input_ids=follow, **{CACHE_KWARG: cache}).logits[0]
-                        fid = compare(full_logits, logits, prompt_ids.shape[1], target_ids, kept)
-                        result = {"score": None, "nll_full": fid.nll_full, "nll_press": fid.nll_press, "kl": fid.kl,
-                                  "kept_fraction": kept}
+                if label == FULL:
+                    result = {"score": None, "nll_full": None, "nll_press": None, "kl": 0.0, "kept_fraction": 1.0}
                 else:
-                    budget = max_new_tokens or sample.max_new_tokens
-                    answer_ids = answer_on_cache(model, cache, context_ids, suffix_ids, budget)
-                    prediction = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-                    result = {"score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
-                              "answers": list(sample.answers), "kept_fraction": kept,
-                              "context_tokens": context_ids.shape[1]}
+                    logits = model(input_ids=follow, **{CACHE_KWARG: cache}).logits[0]
+                    fid = compare(full_logits, logits, prompt_ids.shape[1], target_ids, kept)
+                    result = {"score": None, "nll_full": fid.nll_full, "nll_press": fid.nll_press, "kl": fid.kl,
+                              "kept_fraction": kept}
                 out.append(((label, ratio), (result, time.perf_counter() - start + shared_seconds)))
         return out
+
+
+    def _answer_cells(self, tokenizer, sample, cells, full, context_ids, suffix_ids, budget, shared_seconds):
+        """Greedy answers of task ``cells`` on copies of ``full``; cells whose caches stack (every layer a dense
+        compressed layer of the same shape) are decoded together as the rows of one batch, which gives each row the
+        answer it gets alone (greedy decoding; rows do not interact)."""
+        from .metrics import score
+
+        caches = [self.cache_for(full, label, ratio) for label, ratio, _ in cells]
+        out = [None] * len(cells)
+        for group in stackable_groups(caches):
+            start = time.perf_counter()
+            kept = [kept_fraction(caches[i]) for i in group]
+            if len(group) == 1:
+                answers = [answer_on_cache(self.model, caches[group[0]], context_ids, suffix_ids, budget)]
+            else:
+                answers = answer_rows(self.model, stack_caches([caches[i] for i in group]), context_ids, suffix_ids,
+                                      budget)
+            seconds = (time.perf_counter() - start) / len(group) + shared_seconds
+            for i, answer_ids, fraction in zip(group, answers, kept):
+                prediction = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+                result = {"score": score(sample.metric, prediction, sample.answers), "prediction": prediction,
+                          "answers": list(sample.answers), "kept_fraction": fraction,
+                          "context_tokens": context_ids.shape[1]}
+                out[i] = ((cells[i][0], cells[i][1]), (result, seconds))
+        return out
+
+
+def stackable_groups(caches) -> list[list[int]]:
+    """Indices of ``caches`` grouped so that each group stacks into one batch (:func:`stack_caches`): every layer a
+    one-row dense compressed layer, the same shapes and lengths across the group. Other caches form groups of one."""
+    groups: dict = {}
+    for i, cache in enumerate(caches):
+        layers = cache.layers
+        if all(type(layer) is CompressedLayer and layer.keys.shape[0] == 1 for layer in layers):
+            key = tuple((tuple(layer.keys.shape), layer.logical_length, layer.compressed_length) for layer in layers)
+        else:
+            key = ("alone", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def stack_caches(caches) -> DynamicCache:
+    """One cache whose batch rows are the rows of ``caches`` (a group of :func:`stackable_groups`)."""
+    out = DynamicCache()
+    out.layers = [CompressedLayer(torch.cat([c.layers[i].keys for c in caches]),
+                                  torch.cat([c.layers[i].values for c in caches]),
+                                  torch.cat([c.layers[i].valid for c in caches]), caches[0].layers[i].logical_length)
+                  for i in range(len(caches[0].layers))]
+    return out
+
+
+def answer_rows(model, cache, context_ids: torch.Tensor, suffix_ids: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Greedy answers ``[n_i]`` to ``suffix_ids`` ``[1, q]`` for every row of ``cache`` (each row holding
+    ``context_ids`` ``[1, S]``, compressed its own way), decoded as one batch; each answer ends at its first end
+    token, as decoding that row alone would."""
+    rows = cache.layers[0].keys.shape[0]
+    prompt = torch.cat([context_ids, suffix_ids.to(context_ids.device)], dim=1).expand(rows, -1)
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), **{CACHE_KWARG: cache},
+                            max_new_tokens=budget, do_sample=False)[:, prompt.shape[1]:]
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop])
+    answers = []
+    for row in output:
+        ends = [i for i, token in enumerate(row.tolist()) if token in stop]
+        answers.append(row[: ends[0] + 1] if ends else row)
+    return answers
 
 
 def _scorer_key(label: str, ratio: float) -> str:
