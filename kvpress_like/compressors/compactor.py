@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..press import LayerContext
-from .leverage import leverage_scores
+from .leverage import check_leverage_args, pooled_leverage
 from .non_causal_attention import NonCausalAttentionPress
 
 
@@ -51,11 +51,11 @@ class CompactorPress(NonCausalAttentionPress):
     sketch_size: int = 48
     seed: int = 0
     standardise_over: str = "head"
+    leverage_kernel_size: int = 1
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)  # validates chunk_size and kernel_size
-        if not isinstance(self.sketch_size, int) or self.sketch_size < 1:
-            raise ValueError(f"sketch_size must be a positive int; got {self.sketch_size!r}")
+        check_leverage_args(self)
         if self.blending is not None and (isinstance(self.blending, bool) or not isinstance(self.blending, (int, float))
                                           or not self.blending >= 0):
             raise ValueError(f"blending must be a non-negative number or None (the ratio); got {self.blending!r}")
@@ -69,7 +69,7 @@ class CompactorPress(NonCausalAttentionPress):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         attention = super().score(ctx)  # pooled non-causal chunked attention
-        leverage = leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)
+        leverage = pooled_leverage(self, ctx)
         blending = self.ratio if self.blending is None else self.blending
         over = self.standardise_over
         return standardise(attention, ctx.valid, over) + blending * standardise(leverage, ctx.valid, over)

@@ -21,6 +21,7 @@ import torch
 
 from ..kernels import leverage_scores as fused_leverage_scores
 from ..press import LayerContext, Press
+from .snapkv import pool
 
 
 def gaussian_sketch(dim: int, sketch_size: int, seed: int, device) -> torch.Tensor:
@@ -88,11 +89,34 @@ class LeverageScorePress(Press):
     Args:
         sketch_size: width ``k`` of the Gaussian sketch (48 in the paper).
         seed: sketch seed; the same seed gives the same kept tokens.
+        leverage_kernel_size: average-pooling width over neighbouring tokens (1 = none): keeps the neighbours of
+            an outlier key with it.
     """
 
     name = "leverage"
     sketch_size: int = 48
     seed: int = 0
+    leverage_kernel_size: int = 1
+
+    def __post_init__(self, compression_ratio=None):
+        super().__post_init__(compression_ratio)
+        check_leverage_args(self)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        return leverage_scores(ctx.pre_rope_keys, ctx.valid, self.sketch_size, self.seed)
+        return pooled_leverage(self, ctx)
+
+
+def check_leverage_args(p) -> None:
+    """Validate ``sketch_size`` and ``leverage_kernel_size`` of a press with leverage scores."""
+    if isinstance(p.sketch_size, bool) or not isinstance(p.sketch_size, int) or p.sketch_size < 1:
+        raise ValueError(f"sketch_size must be a positive int; got {p.sketch_size!r}")
+    k = p.leverage_kernel_size
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"leverage_kernel_size must be a positive odd int; got {k!r}")
+
+
+def pooled_leverage(p, ctx: LayerContext) -> torch.Tensor:
+    """``[B, H_kv, S]`` leverage scores of ``ctx``'s pre-RoPE keys with ``p``'s sketch, pooled over
+    ``p.leverage_kernel_size`` neighbours."""
+    scores = leverage_scores(ctx.pre_rope_keys, ctx.valid, p.sketch_size, p.seed)
+    return pool(scores, ctx.valid, p.leverage_kernel_size)
