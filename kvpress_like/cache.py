@@ -17,7 +17,13 @@ import copy
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import BaseQuantizedLayer, Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import (
+    BaseQuantizedLayer,
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 
 # transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (the old name still works, with a
 # deprecation warning, until 5.40).
@@ -66,6 +72,7 @@ class CompressedLayer(DynamicLayer):
         self.compressed_length = keys.shape[2]
         self.pending_valid: torch.Tensor | None = None
         self._storage: dict[str, torch.Tensor] = {}  # "keys"/"values" -> [B, H, capacity, D] reserved storage
+        self.selected: torch.Tensor | None = None  # [B, H, P] indices gathered from the source, until like_source
         self.is_initialized = True
 
     @property
@@ -416,6 +423,125 @@ class QuantizedCompressedLayer(CompressedLayer):
         return _deep_bytes(vars(self.inner)) + tensor_bytes(self.valid)
 
 
+class SlidingCompressedLayer(CompressedLayer):
+    """A compressed sliding-window layer: a :class:`CompressedLayer` whose entries stop being attended once they are
+    ``sliding_window`` or more positions behind the query, as in transformers' ``DynamicSlidingWindowLayer``.
+
+    Used for models whose every layer is sliding-window (Mistral-7B-v0.1, Qwen2 with ``use_sliding_window`` on all
+    layers): the press compresses a prefill no longer than the window, and later tokens see only the kept entries
+    within their window. Entries that left the window stay stored (masked) until the cache is dropped or reset.
+
+    The window needs the position of every stored entry, so the mask comes from :meth:`attention_mask`, which the
+    press's hooks install: attending over this layer outside ``press(model, p)`` raises an error rather than
+    attending to entries outside the window.
+
+    Attributes:
+        sliding_window: ``W``: a query at position ``t`` attends to positions ``t - W + 1 .. t``.
+        positions: ``[B, H_kv, P]`` long, the position (token index in the uncompressed sequence, padding included)
+            of every stored entry.
+    """
+
+    is_sliding = True
+
+    def __init__(self, keys, values, valid, logical_length: int, sliding_window: int, positions: torch.Tensor):
+        super().__init__(keys, values, valid, logical_length)
+        if positions.shape != keys.shape[:3] or positions.dtype != torch.long:
+            raise ValueError(f"positions must be an int64 tensor of shape {tuple(keys.shape[:3])} ([B, H, P])")
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int; got {sliding_window!r}")
+        self.sliding_window, self.positions = sliding_window, positions
+        self._mask_given = False  # set by attention_mask() for the next update (the press's hooks call both)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append ``[B, H_kv, q, D]`` new keys and values (at positions ``logical_length ..``); returns all stored."""
+        if not self._mask_given:
+            raise RuntimeError(
+                "a compressed sliding-window cache layer can only be attended inside `with press(model, p):` (any "
+                "press): its attention mask must hide the entries outside the window, which only the press's hooks "
+                "provide. Keep using the cache inside the block"
+            )
+        self._mask_given = False
+        q = key_states.shape[-2]
+        new = torch.arange(self.logical_length, self.logical_length + q, device=self.positions.device)
+        new = new.expand(*key_states.shape[:2], q)
+        self.positions = torch.cat([self.positions, new], dim=-1)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
+        """Mask ``[B, H_kv * groups, q, P + q]`` (bool, or additive float for eager): valid stored entries within
+        ``sliding_window`` of each new token, and the new tokens among themselves (causal, within the window)."""
+        q, w = query_length, self.sliding_window
+        device = self.valid.device
+        self._mask_given = True
+        query_positions = self.logical_length + torch.arange(q, device=device)  # [q]
+        inside = self.positions[:, :, None, :] > (query_positions - w)[None, None, :, None]  # [B, H, q, P]
+        past = self.valid[:, None, None, :] & inside
+        if incoming is None:
+            i = torch.arange(q, device=device)
+            new = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w))[None, None]
+        elif incoming.dtype == torch.bool:
+            new = incoming[..., -q:].to(device)
+        else:
+            new = incoming[..., -q:].to(device) == 0
+            float_dtype = incoming.dtype
+        b, h = past.shape[:2]
+        if incoming is None and q == 1 and bool(past.all()):
+            return None
+        mask = torch.cat([past, new.expand(b, h, q, q)], dim=-1).repeat_interleave(groups, dim=1)
+        if float_dtype is None:
+            return mask
+        zero = torch.zeros((), dtype=float_dtype, device=device)
+        return torch.where(mask, zero, torch.finfo(float_dtype).min)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.positions = self.positions[..., : self.physical_length]
+
+    def fresh_layer(self) -> CacheLayerMixin:
+        """An empty sliding-window layer, which a new prefill under a press starts from (after :meth:`reset`)."""
+        return DynamicSlidingWindowLayer(self.sliding_window)
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = self.positions[..., :0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.positions = self.positions[indices, ...]
+
+    def nbytes(self) -> int:
+        """As :meth:`CompressedLayer.nbytes`, plus the ``[B, H, P]`` int64 positions."""
+        return super().nbytes() + tensor_bytes(self.positions)
+
+
+class SlidingPrefillLayer(DynamicLayer):
+    """Holds a whole prefill of a sliding-window layer that is about to be compressed (a ``DynamicSlidingWindowLayer``
+    keeps only its last ``sliding_window - 1`` tokens); :func:`like_source` turns the compressed result into a
+    :class:`SlidingCompressedLayer`."""
+
+    def __init__(self, sliding_window: int):
+        super().__init__()
+        self.sliding_window = sliding_window
+
+
+def stored_positions(layer) -> torch.Tensor:
+    """``[B, H, P]`` long: the position of every entry a sliding-window layer stores (its last ``P`` tokens, unless
+    it is a :class:`SlidingCompressedLayer`)."""
+    if isinstance(layer, SlidingCompressedLayer):
+        return layer.positions
+    b, h, p = layer.keys.shape[:3]
+    seen = layer.get_seq_length()
+    return torch.arange(seen - p, seen, device=layer.keys.device).expand(b, h, p)
+
+
 def _deep_bytes(obj, seen=None) -> int:
     """Bytes of every distinct tensor reachable through dicts, lists, tuples and object attributes."""
     seen = set() if seen is None else seen
@@ -454,6 +580,31 @@ def requantize(source, compressed):
     inner.reset()
     inner.update(compressed.keys, compressed.values)
     return QuantizedCompressedLayer(inner, compressed.valid, compressed.logical_length)
+
+
+def like_source(source, compressed):
+    """The compressed layer made from ``source`` (the layer it was selected from), stored like ``source``: quantized
+    again for a quantized cache (:func:`requantize`), sliding-window for a sliding-window layer.
+
+    Raises:
+        ValueError: per-head budgets (a ragged layer) or a quantized cache on a sliding-window layer.
+    """
+    selected = getattr(compressed, "selected", None)
+    if selected is not None:
+        compressed.selected = None  # needed only here
+    window = getattr(source, "sliding_window", None)
+    if window is None:
+        return requantize(source, compressed)
+    if not isinstance(compressed, CompressedLayer):
+        raise ValueError("per-head budgets (ragged layers) are not supported on sliding-window layers; use an "
+                         "allocator that keeps the same count for every head (not head_adaptive)")
+    if isinstance(source, BaseQuantizedLayer) or selected is None:
+        raise ValueError("a sliding-window layer can only be compressed from a DynamicCache (not a quantized cache)")
+    positions = stored_positions(source).gather(-1, selected.to(source.keys.device)).contiguous()
+    layer = SlidingCompressedLayer(compressed.keys, compressed.values, compressed.valid, compressed.logical_length,
+                                   int(window), positions)
+    layer.compressed_length = compressed.compressed_length
+    return layer
 
 
 def tensor_bytes(t: torch.Tensor | None) -> int:

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from .allocators import keep_count
-from .cache import CACHE_KWARG
+from .cache import CACHE_KWARG, like_source
 from .context import press as press_context
 from .press import Press, select_top, store_dense
 
@@ -35,6 +35,7 @@ class _ChunkedPress(Press):
     """Internal: compresses after every chunk's forward (``compresses_prefill`` is off; ``after_forward`` acts)."""
 
     name = "chunked_prefill"
+    reads_whole_prefill = True
 
     def __init__(self, inner: Press):
         super().__init__(ratio=0.0)
@@ -66,19 +67,21 @@ class _ChunkedPress(Press):
         keep = min(max(keep_count(seen, self.inner.ratio), int(protected.sum(-1).max())), scores.shape[-1])
         counts = torch.full((batch, heads), keep, dtype=torch.long, device=keys.device)
         indices, slot_valid = select_top(ranked, counts)
-        cache.layers[idx] = store_dense(keys, values, indices, slot_valid, seen)
+        cache.layers[idx] = like_source(layer, store_dense(keys, values, indices, slot_valid, seen))
         self.carried[idx] = (scores.gather(-1, indices), positions.gather(-1, indices))
 
 
-def _check(model, p: Press, input_ids: torch.Tensor, chunk_size: int) -> None:
+def check_press(p: Press) -> None:
+    """Raise unless chunked prefill supports press ``p`` (a press that scores tokens, with the uniform allocator).
+
+    Raises:
+        TypeError: ``p`` is not a press.
+        ValueError: it overrides selection, compression or decoding, or uses another allocator.
+    """
     from .allocators.uniform import UniformAllocator
 
     if not isinstance(p, Press):
         raise TypeError(f"chunked_prefill needs a Press; got {type(p).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError("input_ids must be a non-empty [batch, seq_len] tensor (rows of equal length, no padding)")
     overrides = [name for name in ("select", "compress", "after_forward") if getattr(type(p), name) is not
                  getattr(Press, name)]
     if overrides or not isinstance(p._allocator, UniformAllocator):
@@ -86,6 +89,14 @@ def _check(model, p: Press, input_ids: torch.Tensor, chunk_size: int) -> None:
             f"chunked prefill supports presses that score tokens with the uniform allocator; {type(p).__name__} "
             f"{'overrides ' + ', '.join(overrides) if overrides else 'uses allocator ' + p._allocator.name}"
         )
+
+
+def _check(model, p: Press, input_ids: torch.Tensor, chunk_size: int) -> None:
+    check_press(p)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a non-empty [batch, seq_len] tensor (rows of equal length, no padding)")
 
 
 def chunked_prefill(model, p: Press, input_ids: torch.Tensor, chunk_size: int = 2048,

@@ -33,7 +33,14 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import CompressedLayer, RaggedLayer, cache_in, full_keys_values, requantize
+from .cache import (
+    CompressedLayer,
+    RaggedLayer,
+    SlidingPrefillLayer,
+    cache_in,
+    full_keys_values,
+    like_source,
+)
 from .kernels.ragged_attention import ragged_layer_attention
 from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
@@ -128,15 +135,17 @@ class _ModelScope:
             full = cache.layers[idx]
             keys, values = full_keys_values(full)
             indices, slot_valid = select_top(layer_scores, layer_counts.to(layer_scores.device))
-            cache.layers[idx] = requantize(full, store(keys, values, indices, slot_valid))
+            cache.layers[idx] = like_source(full, store(keys, values, indices, slot_valid))
 
 
 class _LayerHooks:
     """Hooks of one attention module."""
 
     def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, layers: tuple[int, ...],
-                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None, owner: int):
+                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None, owner: int,
+                 sliding_window: int | None = None):
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
+        self.sliding_window = sliding_window  # this layer's window when it is a sliding-window layer
         self.layers, self.rotary_emb, self.model_scope, self.owner = layers, rotary_emb, model_scope, owner
         self.is_prefill = False
         self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
@@ -188,6 +197,9 @@ class _LayerHooks:
             )
         if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
             cache.layers[self.layer_idx] = layer.fresh_layer()  # a reset compressed layer: start afresh
+        if self.is_prefill and self.sliding_window is not None and (self.press.compresses_prefill()
+                                                                     or self.press.reads_whole_prefill):
+            self._hold_sliding_prefill(cache, layer, kwargs["hidden_states"].shape[1])
         if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
             return None
         hidden = kwargs["hidden_states"]
@@ -204,6 +216,23 @@ class _LayerHooks:
         groups = module.config.num_attention_heads // module.config.num_key_value_heads
         kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
         return args, kwargs
+
+    def _hold_sliding_prefill(self, cache, layer, length: int) -> None:
+        """Before a sliding-window layer's compressed prefill: refuse a prefill longer than the window, and give the
+        layer one that holds the whole prefill (a sliding layer drops its oldest token when the prefill fills the
+        window)."""
+        window = self.sliding_window
+        if length > window:
+            raise ValueError(
+                f"the prefill has {length} tokens, more than the sliding window ({window}) of layer {self.layer_idx}: "
+                f"a sliding-window layer is compressed only when the context fits in its window (without a press it "
+                f"keeps only its last {window - 1} tokens anyway). Prefill at most {window} tokens under the press "
+                "(longer contexts without one)"
+            )
+        if self.layer_idx < len(cache.layers):
+            cache.layers[self.layer_idx] = SlidingPrefillLayer(window)
+        elif self.layer_idx == len(cache.layers):  # a cache built without a config grows its layers lazily
+            cache.layers.append(SlidingPrefillLayer(window))
 
     def context(self, module, kwargs, keys, values, valid, hidden=None, position_embeddings=None) -> LayerContext:
         """A :class:`LayerContext` of this layer for ``keys``/``values`` ``[B, H_kv, S, D]``; the hidden states
@@ -251,7 +280,7 @@ class _LayerHooks:
                 if self.model_scope is not None:
                     self.model_scope.add(ctx, cache)
                 else:
-                    cache.layers[self.layer_idx] = requantize(layer, self.press.compress(ctx))
+                    cache.layers[self.layer_idx] = like_source(layer, self.press.compress(ctx))
             self.press.after_forward(self, module, kwargs, cache, was_prefill)
         return None
 
@@ -307,7 +336,8 @@ def press(model: nn.Module, p: Press):
     _wrap_attention(+1)
     try:
         for idx, attn in zip(compressible, attentions):
-            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner)
+            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner,
+                                arch.sliding_window(model.config, idx))
             all_hooks.append(hooks)
             _HOOKED[attn] = hooks
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
+from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer, like_source
 from .context import valid_tokens
 from .press import Press, select_top, store_dense
 
@@ -118,4 +118,5 @@ class DecodingPress(Press):
         counts = valid.sum(-1).clamp(max=self.target).clamp(min=protected.sum(-1).clamp(min=1))
         counts = counts[:, None].expand(scores.shape[0], scores.shape[1])
         indices, slot_valid = select_top(scores, counts)
-        cache.layers[idx] = store_dense(layer.keys, layer.values, indices, slot_valid, layer.get_seq_length())
+        cut = store_dense(layer.keys, layer.values, indices, slot_valid, layer.get_seq_length())
+        cache.layers[idx] = like_source(layer, cut)  # a sliding-window layer stays one

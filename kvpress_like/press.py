@@ -247,6 +247,9 @@ class Press(metaclass=_CheckedPress):
         return self.ratio > 0
 
     defers_selection: ClassVar[bool] = False  # True: select after the whole prefill forward (see ``install``)
+    # True: after_forward selects among every entry of a cache's first forward (chunked prefill), so a sliding-window
+    # layer must hold that forward whole, as when the prefill is compressed
+    reads_whole_prefill: ClassVar[bool] = False
 
     @property
     def score_depends_on_ratio(self) -> bool:
@@ -335,7 +338,9 @@ def store_dense(keys, values, indices, slot_valid, logical_length: int | None = 
     kept_keys = keys.gather(2, gather).contiguous()
     kept_values = values.gather(2, gather).contiguous()
     logical = keys.shape[2] if logical_length is None else logical_length
-    return CompressedLayer(kept_keys, kept_values, slot_valid[:, 0].contiguous(), logical)
+    layer = CompressedLayer(kept_keys, kept_values, slot_valid[:, 0].contiguous(), logical)
+    layer.selected = indices  # the positions of a sliding-window layer's entries follow from it (cache.like_source)
+    return layer
 
 
 def describe(p: Press) -> str:

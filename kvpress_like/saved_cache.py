@@ -1,10 +1,11 @@
 """Compress once, ask many times, across processes: save a compressed context's cache and load it later.
 
 The file (``torch.save`` format, loaded with ``weights_only=True``: no code runs on load) holds every cache layer
-(dense compressed, ragged per-head, plain and sliding-window layers), the context's token ids, the press that
-produced it and the identity of the model. Loading refuses a file made for another model, and a corrupt or
-truncated file is rejected before anything is returned (a SHA-256 over the payload is checked), and so is a file
-whose tensors do not have the dtypes and shapes its metadata records, or that do not fit the model and the context.
+(dense compressed, sliding-window compressed, ragged per-head, plain and sliding-window layers), the context's
+token ids, the press that produced it and the identity of the model. Loading refuses a file made for another model,
+and a corrupt or truncated file is rejected before anything is returned (a SHA-256 over the payload is checked), and
+so is a file whose tensors do not have the dtypes and shapes its metadata records, or that do not fit the model and
+the context.
 Saving writes a temporary file in the same directory and renames it over the target only once it is complete and
 synced, so an interrupted save leaves the previous file intact.
 """
@@ -22,7 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer
+from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer, SlidingCompressedLayer
 from .press import Press
 
 FORMAT = "kvpress-like-cache/1"
@@ -59,6 +60,10 @@ def _layer_record(layer) -> dict:
         return {"kind": "ragged", "flat_keys": layer.flat_keys, "flat_values": layer.flat_values,
                 "lengths": layer.lengths, "tail_keys": layer.tail_keys, "tail_values": layer.tail_values,
                 "tail_valid": layer.tail_valid, "logical_length": layer.logical_length}
+    if isinstance(layer, SlidingCompressedLayer):
+        return {"kind": "sliding_compressed", "keys": layer.keys, "values": layer.values, "valid": layer.valid,
+                "positions": layer.positions, "sliding_window": layer.sliding_window,
+                "logical_length": layer.logical_length, "compressed_length": layer.compressed_length}
     if isinstance(layer, CompressedLayer):
         return {"kind": "compressed", "keys": layer.keys, "values": layer.values, "valid": layer.valid,
                 "logical_length": layer.logical_length, "compressed_length": layer.compressed_length}
@@ -81,6 +86,11 @@ def _restore_layer(record: dict):
         return layer
     if kind == "compressed":
         layer = CompressedLayer(record["keys"], record["values"], record["valid"], record["logical_length"])
+        layer.compressed_length = record["compressed_length"]
+        return layer
+    if kind == "sliding_compressed":
+        layer = SlidingCompressedLayer(record["keys"], record["values"], record["valid"], record["logical_length"],
+                                       record["sliding_window"], record["positions"])
         layer.compressed_length = record["compressed_length"]
         return layer
     layer = DynamicSlidingWindowLayer(record["sliding_window"]) if kind == "sliding" else DynamicLayer()
@@ -187,6 +197,7 @@ def _check_tensors(path, payload: dict, model) -> None:
     require(isinstance(specs, list) and isinstance(layers, list) and len(specs) == len(layers) ==
             config.num_hidden_layers, "layers", f"{config.num_hidden_layers} layers with their tensor specs expected")
     kinds = {"dynamic": {"keys", "values"}, "sliding": {"keys", "values"}, "compressed": {"keys", "values", "valid"},
+             "sliding_compressed": {"keys", "values", "valid", "positions"},
              "ragged": {"flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid"}}
     dtype = None
     for i, (record, spec) in enumerate(zip(layers, specs)):
@@ -223,7 +234,14 @@ def _check_tensors(path, payload: dict, model) -> None:
                     and keys.shape[:2] == (batch, heads) and keys.shape[3] == head_dim and stored <= length,
                     f"{where} keys/values", f"must both be [{batch}, {heads}, P, {head_dim}] with P <= {length}")
             require(kind != "dynamic" or stored == length, f"{where} keys", f"must hold all {length} tokens")
-            if kind == "compressed":
+            if kind == "sliding_compressed":
+                positions, window = record["positions"], record["sliding_window"]
+                require(positions.dtype == torch.long and positions.shape == keys.shape[:3]
+                        and bool(((positions >= 0) & (positions < length)).all()), f"{where} positions",
+                        f"must be int64 [{batch}, {heads}, {stored}] with values in [0, {length})")
+                require(isinstance(window, int) and not isinstance(window, bool) and window >= 1, where,
+                        f"sliding_window must be a positive int; got {window!r}")
+            if kind in ("compressed", "sliding_compressed"):
                 require(record["valid"].dtype == torch.bool and record["valid"].shape == (batch, stored),
                         f"{where} valid", f"must be bool [{batch}, {stored}]")
                 require(isinstance(record["compressed_length"], int) and 0 <= record["compressed_length"] <= stored,
@@ -274,8 +292,8 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
     layers = [_restore_layer(record) for record in payload["layers"]]
     cache.layers[: len(layers)] = layers
     for layer in layers:
-        for name in ("keys", "values", "valid", "flat_keys", "flat_values", "lengths", "tail_keys", "tail_values",
-                     "tail_valid"):
+        for name in ("keys", "values", "valid", "positions", "flat_keys", "flat_values", "lengths", "tail_keys",
+                     "tail_values", "tail_valid"):
             value = getattr(layer, name, None)
             if isinstance(value, torch.Tensor):
                 setattr(layer, name, value.to(device))

@@ -33,6 +33,7 @@ COMMON = dict(
 )
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+SLIDING_ARCHITECTURES = ("mistral_sliding", "qwen2_sliding")  # every layer sliding-window (window 64), tested apart
 
 
 def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -42,6 +43,11 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
         config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
     elif arch == "mistral":
         config, cls = MistralConfig(sliding_window=None, **kwargs), MistralForCausalLM
+    elif arch == "mistral_sliding":  # Mistral-7B-v0.1 style: every layer sliding-window (a 64-token window here)
+        config, cls = MistralConfig(**{"sliding_window": 64, **kwargs}), MistralForCausalLM
+    elif arch == "qwen2_sliding":  # Qwen2 with a sliding window on every layer
+        kwargs = {"sliding_window": 64, **kwargs}
+        config, cls = Qwen2Config(use_sliding_window=True, max_window_layers=0, **kwargs), Qwen2ForCausalLM
     elif arch == "qwen2":
         config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
     elif arch == "qwen3":

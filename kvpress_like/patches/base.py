@@ -44,9 +44,20 @@ class Architecture:
         return decoder_layer.self_attn
 
     def compressible_layers(self, config) -> list[int]:
-        """Indices of layers with full (not sliding-window) attention: only those are compressed."""
+        """Indices of the layers a press compresses: those with full attention; in a model whose every layer is
+        sliding-window (Mistral-7B-v0.1, Qwen2 with a sliding window on all layers), the sliding-window layers
+        (compressed when a prefill fits in the window). Models mixing both (Gemma3) keep their sliding layers."""
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        return [i for i, kind in enumerate(layer_types(config)) if kind == "full_attention"]
+        types = layer_types(config)
+        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+        return full or [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+
+    def sliding_window(self, config, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` (``None`` for a full-attention layer)."""
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        if layer_types(config)[layer_idx] != "sliding_attention":
+            return None
+        return getattr(config, "sliding_window", None)
 
 
 def layer_types(config) -> list[str]:
