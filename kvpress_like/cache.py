@@ -223,42 +223,176 @@ def build_mask(past_valid: torch.Tensor, incoming: torch.Tensor | None, q: int, 
     return torch.where(mask, zero, torch.finfo(float_dtype).min)
 
 
-class RaggedLayer(CacheLayerMixin):
-    """A cache layer whose KV heads keep different numbers of entries, stored without padding.
+def _ranges(starts: list[int], counts: list[int], device) -> torch.Tensor:
+    """``[sum(counts)]`` long: ``starts[i], ..., starts[i] + counts[i] - 1`` for each ``i`` in turn."""
+    total = sum(counts)
+    if not total:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    counts_t = torch.tensor(counts, dtype=torch.long, device=device)
+    shift = torch.tensor(starts, dtype=torch.long, device=device) - (counts_t.cumsum(0) - counts_t)
+    return torch.arange(total, device=device) + shift.repeat_interleave(counts_t, output_size=total)
 
-    The compressed context is stored flat: head ``(b, h)`` owns ``lengths[b, h]`` consecutive rows of
-    ``flat_keys``/``flat_values`` (segments in ``(b, h)`` row-major order). Tokens appended afterwards go to every
-    head and are stored dense in ``tail_keys``/``tail_values``. For attention, :meth:`update` returns a transient
-    padded view ``[B, H, L_max + T, D]`` that :meth:`attention_mask` masks per head; only the flat and tail
-    tensors are kept between steps.
+
+def _layout_field(name: str, doc: str) -> property:
+    """A public field of :class:`RaggedLayer`'s flat layout: read from the storage (or from the fields assigned since
+    the last use); assigning it defers rebuilding the storage to the next use."""
+
+    def get(self):
+        return self._loose[name] if self._loose is not None else getattr(self, f"_get_{name}")()
+
+    def set(self, value):
+        if self._loose is None:
+            self._loose = {field: getattr(self, field) for field in RaggedLayer.LAYOUT_FIELDS}
+            self._k = self._v = None
+        self._loose[name] = value
+
+    return property(get, set, doc=doc)
+
+
+class RaggedLayer(CacheLayerMixin):
+    """A cache layer whose KV heads keep different numbers of entries, stored without padding between heads.
+
+    Head ``(b, h)`` (index ``i = b * H + h``) owns one region of a ``[C, D]`` key storage (and of the matching value
+    storage): its ``lengths[b, h]`` kept entries of the compressed context, then the tokens appended after compression
+    (every new token goes to every head), then free room for ``room - T`` more. Room is reserved ``APPEND_RESERVE``
+    tokens at a time and counted by :meth:`nbytes`, as :class:`CompressedLayer` does; until the first append the
+    storage is just the kept entries back to back. So each head's key set is one contiguous slice: a decoding step
+    writes one entry per head in place and attends over views
+    (:func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`, from :meth:`attention_regions`), without
+    copying the cache, building a mask or synchronising with the host. The geometry (region starts and lengths) is
+    kept on the host and changes only when the room grows.
+
+    Eager attention (and any caller that did not set ``skip_padded_view``) gets from :meth:`update` a transient padded
+    view ``[B, H, L_max + T, D]`` that :meth:`attention_mask` masks per head.
 
     Attributes:
-        flat_keys, flat_values: ``[N, D]`` kept entries, ``N = lengths.sum()``.
+        flat_keys, flat_values: ``[N, D]`` kept entries of the compressed context, ``N = lengths.sum()``, head
+            segments in ``(b, h)`` row-major order (gathered from the storage when read).
         lengths: ``[B, H]`` long, kept entries per head (index metadata: 8 bytes per head).
-        tail_keys, tail_values: ``[B, H, T, D]`` appended tokens.
+        tail_keys, tail_values: ``[B, H, T, D]`` appended tokens (gathered when read).
         tail_valid: ``[B, T]`` bool, False on padding among appended tokens (1 byte per token and row).
+        keys, values: aliases of ``flat_keys``/``flat_values``.
         logical_length: tokens seen by the layer.
+
+    Assigning any of the fields above (as :mod:`kvpress_like.saved_cache` does when loading) is allowed, one at a
+    time: the storage is rebuilt from them when the layer is next used, and a ``ValueError`` is raised then if they do
+    not fit together.
     """
 
     is_sliding = False
     is_croppable = True
+    APPEND_RESERVE = 64
+    LAYOUT_FIELDS = ("flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid")
 
     def __init__(self, flat_keys, flat_values, lengths: torch.Tensor, logical_length: int, shape: tuple[int, ...]):
-        super().__init__()
+        # CacheLayerMixin.__init__ is not called: it assigns keys/values, which are derived here
         b, h, _, d = shape
         if lengths.shape != (b, h) or int(lengths.sum()) != flat_keys.shape[0] or flat_keys.shape != flat_values.shape:
             raise ValueError("flat keys/values must hold lengths.sum() rows and lengths must be [B, H]")
         self.dtype, self.device = flat_keys.dtype, flat_keys.device
-        self.flat_keys, self.flat_values, self.lengths = flat_keys, flat_values, lengths
-        self.tail_keys = flat_keys.new_zeros(b, h, 0, d)
-        self.tail_values = flat_values.new_zeros(b, h, 0, d)
-        self.tail_valid = torch.ones(b, 0, dtype=torch.bool, device=flat_keys.device)
         self.logical_length = int(logical_length)
         self.pending_valid: torch.Tensor | None = None
-        self.keys, self.values = flat_keys, flat_values  # for code that checks `layer.keys`
-        self._index = self._present = None
-        self.skip_padded_view = False  # set for one update whose caller attends over the flat storage itself
+        self.skip_padded_view = False  # set for one update whose caller attends over the storage itself
         self.is_initialized = True
+        self._loose: dict[str, torch.Tensor] | None = None  # fields assigned since the storage was last built
+        self._layout(flat_keys, flat_values, lengths, flat_keys.new_zeros(b, h, 0, d),
+                     flat_values.new_zeros(b, h, 0, d), torch.ones(b, 0, dtype=torch.bool, device=flat_keys.device), 0)
+
+    flat_keys = _layout_field("flat_keys", "``[N, D]`` kept keys of the compressed context.")
+    flat_values = _layout_field("flat_values", "``[N, D]`` kept values of the compressed context.")
+    lengths = _layout_field("lengths", "``[B, H]`` long, kept entries per head.")
+    tail_keys = _layout_field("tail_keys", "``[B, H, T, D]`` keys appended after compression.")
+    tail_values = _layout_field("tail_values", "``[B, H, T, D]`` values appended after compression.")
+    tail_valid = _layout_field("tail_valid", "``[B, T]`` bool, False on padding among appended tokens.")
+    keys = flat_keys  # for code that checks `layer.keys`
+    values = flat_values
+
+    # ------------------------------------------------------------------------------------------------- storage
+    def _layout(self, flat_keys, flat_values, lengths, tail_keys, tail_values, tail_valid, room: int) -> None:
+        """Build the storage with ``room`` (>= T) tail slots per head from the flat layout's fields."""
+        t = tail_keys.shape[2] if tail_keys.ndim == 4 else -1
+        if (lengths.ndim != 2 or flat_keys.ndim != 2 or flat_keys.shape != flat_values.shape
+                or flat_keys.shape[0] != int(lengths.sum())):
+            raise ValueError(f"RaggedLayer: flat keys/values must both be [lengths.sum(), D] and lengths [B, H]; got "
+                             f"{tuple(flat_keys.shape)}, {tuple(flat_values.shape)}, lengths {tuple(lengths.shape)}")
+        b, h = lengths.shape
+        d = flat_keys.shape[1]
+        if t < 0 or tail_keys.shape != (b, h, t, d) or tail_values.shape != tail_keys.shape:
+            raise ValueError(f"RaggedLayer: tail keys/values must both be [B, H, T, D] = [{b}, {h}, T, {d}]; got "
+                             f"{tuple(tail_keys.shape)}, {tuple(tail_values.shape)}")
+        if tail_valid.shape != (b, t) or tail_valid.dtype != torch.bool:
+            raise ValueError(f"RaggedLayer: tail_valid must be bool [B, T] = [{b}, {t}]; got {tail_valid.dtype} "
+                             f"{tuple(tail_valid.shape)}")
+        if room < t:
+            raise ValueError(f"RaggedLayer: room {room} < {t} appended tokens")
+        device = flat_keys.device
+        lens = lengths.flatten().tolist()
+        starts, at = [], 0
+        for n in lens:
+            starts.append(at)
+            at += n + room
+        if room == 0:  # no appended token yet: the storage is the flat entries themselves
+            keys, values = flat_keys, flat_values
+        else:
+            keys, values = flat_keys.new_empty(at, d), flat_values.new_empty(at, d)
+            rows = _ranges(starts, lens, device)
+            keys.index_copy_(0, rows, flat_keys.to(device))
+            values.index_copy_(0, rows, flat_values.to(device))
+        self._lengths = lengths.to(device=device, dtype=torch.long)
+        self._lens, self._starts, self._room, self._tail = lens, starts, room, t
+        self._append_at = torch.tensor(starts, dtype=torch.long, device=device) + self._lengths.flatten()  # [B * H]
+        self._k, self._v = keys, values
+        self._valid = torch.ones(b, room, dtype=torch.bool, device=device)
+        self._valid[:, :t] = tail_valid.to(device)
+        self._all_valid = bool(tail_valid.all())
+        self._padded_index = None  # [B, H, L_max] rows of the padded view's flat part, built on first use
+        if t:
+            rows = self._tail_rows(0, t).flatten()
+            keys.index_copy_(0, rows, tail_keys.to(device).reshape(-1, d))
+            values.index_copy_(0, rows, tail_values.to(device).reshape(-1, d))
+        self._loose = None
+
+    def _packed(self) -> None:
+        """Rebuild the storage from fields assigned since it was last built (room for them plus the reserve)."""
+        if self._loose is not None:
+            t = self._loose["tail_keys"].shape[2] if self._loose["tail_keys"].ndim == 4 else 0
+            self._layout(**self._loose, room=t + self.APPEND_RESERVE if t else 0)
+
+    def _tail_rows(self, start: int, stop: int) -> torch.Tensor:
+        """``[B * H, stop - start]`` storage rows of appended tokens ``start .. stop - 1`` of every head."""
+        return self._append_at[:, None] + torch.arange(start, stop, device=self._append_at.device)
+
+    def _get_flat_keys(self) -> torch.Tensor:
+        return self._k if self._room == 0 else self._k[_ranges(self._starts, self._lens, self._k.device)]
+
+    def _get_flat_values(self) -> torch.Tensor:
+        return self._v if self._room == 0 else self._v[_ranges(self._starts, self._lens, self._v.device)]
+
+    def _get_lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    def _get_tail_keys(self) -> torch.Tensor:
+        return self._k[self._tail_rows(0, self._tail)].view(*self._lengths.shape, self._tail, self._k.shape[1])
+
+    def _get_tail_values(self) -> torch.Tensor:
+        return self._v[self._tail_rows(0, self._tail)].view(*self._lengths.shape, self._tail, self._v.shape[1])
+
+    def _get_tail_valid(self) -> torch.Tensor:
+        return self._valid[:, :self._tail]
+
+    def attention_regions(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], int, torch.Tensor, bool]:
+        """What attention over the layer as stored needs (see
+        :func:`~kvpress_like.kernels.ragged_attention.region_attention`).
+
+        Returns:
+            ``(keys [C, D], values [C, D], starts, lengths, tail, tail_valid [B, T], all_valid)``: head ``i = b * H +
+            h`` attends over storage rows ``starts[i] .. starts[i] + lengths[i] + tail - 1`` (its kept entries, then
+            the ``tail`` appended tokens, of which ``tail_valid`` marks the real ones; ``all_valid`` says they all
+            are). ``starts`` and ``lengths`` are host lists, read-only.
+        """
+        self._packed()
+        return (self._k, self._v, self._starts, self._lens, self._tail, self._valid[:, :self._tail],
+                self._all_valid)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # built already initialised
         return None
@@ -266,50 +400,57 @@ class RaggedLayer(CacheLayerMixin):
     @property
     def padded_length(self) -> int:
         """Length of the padded view of the compressed part (``L_max``)."""
-        return int(self.lengths.max()) if self.lengths.numel() else 0
+        self._packed()
+        return max(self._lens, default=0)
 
     @property
     def physical_length(self) -> int:
         """Positions in the padded view of stored entries (``L_max + T``)."""
-        return self.padded_length + self.tail_keys.shape[2]
-
-    def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, H, L_max]`` row index into the flat tensors, and whether each slot holds an entry (computed once:
-        the compressed part does not change until :meth:`reset`)."""
-        if self._index is None:
-            offsets = (self.lengths.flatten().cumsum(0) - self.lengths.flatten()).view_as(self.lengths)
-            slots = torch.arange(self.padded_length, device=self.lengths.device)
-            self._present = slots < self.lengths[..., None]
-            self._index = (offsets[..., None] + slots).clamp(max=max(self.flat_keys.shape[0] - 1, 0))
-        return self._index, self._present
+        return self.padded_length + self._tail
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded view; empty slots repeat a real entry of the same tensor (finite), and are masked."""
-        index, _ = self._gather_index()
-        keys, values = self.flat_keys[index], self.flat_values[index]
-        return torch.cat([keys, self.tail_keys], dim=2), torch.cat([values, self.tail_values], dim=2)
+        """The padded view ``[B, H, L_max + T, D]``: each head's kept entries, filler, then its appended tokens. Filler
+        slots repeat a real kept entry (finite; the storage's free room is never read), and are masked."""
+        self._packed()
+        b, h = self._lengths.shape
+        if self._padded_index is None:
+            slots = torch.arange(self.padded_length, device=self._k.device)
+            starts = self._append_at - self._lengths.flatten()  # [B * H]
+            first = next((s for s, n in zip(self._starts, self._lens) if n), 0)  # a real kept entry (if L_max > 0)
+            present = slots < self._lengths.flatten()[:, None]
+            self._padded_index = torch.where(present, starts[:, None] + slots, first).view(b, h, -1)
+        index = torch.cat([self._padded_index, self._tail_rows(0, self._tail).view(b, h, -1)], dim=-1)
+        return self._k[index], self._v[index]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, H, q, D]`` to every head; returns the padded ``[B, H, L_max + T, D]`` keys and values, or the
-        flat ``[N, D]`` ones when ``skip_padded_view`` was set for this update (the caller attends over the layer
+        """Append ``[B, H, q, D]`` to every head, in place; returns the padded ``[B, H, L_max + T, D]`` keys and values,
+        or the ``[C, D]`` storage when ``skip_padded_view`` was set for this update (the caller attends over the layer
         with :func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`)."""
-        q = key_states.shape[2]
-        valid = self.pending_valid
-        if valid is None:
-            valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.tail_valid.device)
-        self.pending_valid = None
-        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
-        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
-        self.tail_valid = torch.cat([self.tail_valid, valid.to(self.tail_valid.device)], dim=1)
+        self._packed()
+        b, h, q, d = key_states.shape
+        valid, self.pending_valid = self.pending_valid, None
+        t = self._tail
+        if t + q > self._room:  # out of room: lay the heads out again with more
+            self._layout(self.flat_keys, self.flat_values, self._lengths, self.tail_keys, self.tail_values,
+                         self.tail_valid, t + q + self.APPEND_RESERVE)
+        rows = self._append_at + t if q == 1 else self._tail_rows(t, t + q).flatten()
+        self._k.index_copy_(0, rows, key_states.reshape(b * h * q, d))
+        self._v.index_copy_(0, rows, value_states.reshape(b * h * q, value_states.shape[-1]))
+        if valid is not None:  # (free room is kept True: nothing to write for real tokens)
+            self._valid[:, t:t + q] = valid.to(self._valid.device)
+            self._all_valid = self._all_valid and bool(valid.all())
+        self._tail = t + q
         self.logical_length += q
         if self.skip_padded_view:
             self.skip_padded_view = False
-            return self.flat_keys, self.flat_values
+            return self._k, self._v
         return self._padded()
 
     def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
         """Per-query-head mask ``[B, H_kv * groups, q, L_max + T + q]`` (see :func:`build_mask`)."""
-        _, present = self._gather_index()
+        self._packed()
+        slots = torch.arange(self.padded_length, device=self._lengths.device)
+        present = slots < self._lengths[..., None]  # [B, H, L_max]
         b, h, _ = present.shape
         tail = self.tail_valid[:, None, :].expand(b, h, -1)
         mask = build_mask(torch.cat([present, tail], dim=-1), incoming, query_length, float_dtype)
@@ -325,17 +466,20 @@ class RaggedLayer(CacheLayerMixin):
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` appended tokens (never compressed entries)."""
+        """Remove the last ``-tokens_to_remove`` appended tokens (never compressed entries); their room is reused."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
+        self._packed()
         n = -tokens_to_remove
-        if n > self.tail_keys.shape[2]:
-            raise ValueError(f"cannot crop {n} tokens: only {self.tail_keys.shape[2]} were appended after compression, "
+        if n > self._tail:
+            raise ValueError(f"cannot crop {n} tokens: only {self._tail} were appended after compression, "
                              f"and compressed entries cannot be un-evicted. {CROP_HINT}")
         if n:
-            self.tail_keys, self.tail_values = self.tail_keys[:, :, :-n], self.tail_values[:, :, :-n]
-            self.tail_valid = self.tail_valid[:, :-n]
+            self._tail -= n
             self.logical_length -= n
+            if not self._all_valid:
+                self._valid[:, self._tail:] = True  # free room is kept True
+                self._all_valid = bool(self._valid[:, :self._tail].all())
 
     def fresh_layer(self) -> CacheLayerMixin:
         """The empty layer a new prefill under a press starts from (after :meth:`reset`)."""
@@ -343,15 +487,11 @@ class RaggedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Empty the layer (no compressed entries, no appended tokens); it then grows as a dense layer."""
-        b, h = self.lengths.shape
-        d = self.flat_keys.shape[-1]
-        self.flat_keys, self.flat_values = self.flat_keys[:0], self.flat_values[:0]
-        self.keys, self.values = self.flat_keys, self.flat_values
-        self.lengths = torch.zeros_like(self.lengths)
-        self._index = self._present = None
-        self.tail_keys = self.flat_keys.new_zeros(b, h, 0, d)
-        self.tail_values = self.flat_values.new_zeros(b, h, 0, d)
-        self.tail_valid = self.tail_valid[:, :0]
+        self._packed()
+        b, h = self._lengths.shape
+        keys, values = self._k.new_empty(0, self._k.shape[1]), self._v.new_empty(0, self._v.shape[1])
+        self._layout(keys, values, torch.zeros_like(self._lengths), keys.new_empty(b, h, 0, keys.shape[1]),
+                     values.new_empty(b, h, 0, values.shape[1]), self._valid[:, :0], 0)
         self.pending_valid = None
         self.logical_length = 0
 
@@ -363,9 +503,10 @@ class RaggedLayer(CacheLayerMixin):
     reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
 
     def nbytes(self) -> int:
-        """Kept entries (flat keys and values) + appended tokens + ``lengths`` and ``tail_valid`` metadata."""
-        return sum(tensor_bytes(t) for t in (self.flat_keys, self.flat_values, self.lengths, self.tail_keys,
-                                             self.tail_values, self.tail_valid))
+        """Key and value storage (kept entries, appended tokens and the room reserved for more) + ``lengths`` and the
+        ``[B, room]`` bool validity of appended tokens."""
+        self._packed()
+        return sum(tensor_bytes(t) for t in (self._k, self._v, self._lengths, self._valid))
 
 
 class QuantizedCompressedLayer(CompressedLayer):

@@ -18,7 +18,8 @@ While a press is active, the model's sdpa attention function (``ALL_ATTENTION_FU
   and key projections), so scorers need not recompute them;
 * on a layer holding a ragged per-head cache it attends over the cache as stored
   (:func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`: flash-attention's varlen kernel on CUDA,
-  views of the flat segments on CPU) instead of a padded copy of the cache and a per-head mask built every step.
+  views of each head's region of the storage on CPU) instead of a padded copy of the cache and a per-head mask built
+  every step.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class _LayerHooks:
         hidden = kwargs["hidden_states"]
         q = hidden.shape[1]
         incoming = kwargs.get("attention_mask")
-        layer.pending_valid = valid_tokens(incoming, hidden.shape[0], q, hidden.device)
+        # None (no mask): every new token is real, which the layer knows without building or checking a mask
+        layer.pending_valid = None if incoming is None else valid_tokens(incoming, hidden.shape[0], q, hidden.device)
         if isinstance(layer, RaggedLayer):
             layer.skip_padded_view = module.config._attn_implementation == _WRAPPED and getattr(
                 module.config, "attn_logit_softcapping", None) is None

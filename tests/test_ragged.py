@@ -396,8 +396,9 @@ def test_cache_bytes_of_every_allocator(arch, allocator_name):
         if isinstance(layer, RaggedLayer):
             assert layer.flat_keys.shape == (int(layer.lengths.sum()), d)
             assert layer.tail_keys.shape == (b, h, appended, d)
-            entries = int(layer.lengths.sum()) + b * h * appended
-            metadata = b * h * 8 + b * appended  # lengths [B, H] int64, tail_valid [B, T] bool
+            room = 1 + RaggedLayer.APPEND_RESERVE  # reserved per head at step 1, not used up
+            entries = int(layer.lengths.sum()) + b * h * room
+            metadata = b * h * 8 + b * room  # lengths [B, H] int64, tail validity [B, room] bool
             for row in range(b):
                 kept_per_row[row] += int(layer.lengths[row].sum())
         else:
@@ -611,8 +612,12 @@ def test_beam_search_under_head_adaptive_press_raises_clearly():
 def test_nbytes_counts_flat_tail_and_metadata():
     layer, *_ = make_ragged()
     assert layer.nbytes() == int(COUNTS.sum()) * D * 2 * 4 + B * H * 8
-    layer.update(torch.zeros(B, H, 2, D), torch.zeros(B, H, 2, D))
-    assert layer.nbytes() == int(COUNTS.sum()) * D * 2 * 4 + B * H * 8 + B * H * 2 * D * 2 * 4 + B * 2
+    layer.update(torch.zeros(B, H, 2, D), torch.zeros(B, H, 2, D))  # room for 2 + APPEND_RESERVE per head
+    room = 2 + RaggedLayer.APPEND_RESERVE
+    assert layer.nbytes() == int(COUNTS.sum()) * D * 2 * 4 + B * H * 8 + B * H * room * D * 2 * 4 + B * room
+    for _ in range(RaggedLayer.APPEND_RESERVE):  # fills the room without growing it
+        layer.update(torch.zeros(B, H, 1, D), torch.zeros(B, H, 1, D))
+    assert layer.nbytes() == int(COUNTS.sum()) * D * 2 * 4 + B * H * 8 + B * H * room * D * 2 * 4 + B * room
 
 
 def test_reset_empties_the_layer():
@@ -774,3 +779,223 @@ def test_model_scope_counts_equal_allocate_model_on_the_same_scores():
     for layer, layer_counts in zip(cache.layers, counts):
         assert isinstance(layer, CompressedLayer)
         assert int(layer.valid.sum()) == int(layer_counts[0, 0])
+
+
+# =====================================================================================================================
+# (e) Attention over the layer as stored (one contiguous region per head, appended tokens written in place)
+# =====================================================================================================================
+
+
+class NaiveKeySets:
+    """What a ragged layer holds, tracked independently of it: per ``(b, h)`` the list of ``(key, value, real)``
+    entries (kept entries, then every appended token), and the naive fp64 attention over them."""
+
+    def __init__(self, flat_keys, flat_values, lengths):
+        self.sets, offset = {}, 0
+        b, h = lengths.shape
+        for row in range(b):
+            for head in range(h):
+                n = int(lengths[row, head])
+                self.sets[row, head] = [(flat_keys[offset + i], flat_values[offset + i], True) for i in range(n)]
+                offset += n
+        self.b, self.h = b, h
+
+    def append(self, keys, values, valid):
+        for (row, head), entries in self.sets.items():
+            for i in range(keys.shape[2]):
+                entries.append((keys[row, head, i], values[row, head, i], bool(valid[row, i])))
+
+    def attention(self, query, scale):
+        """``[B, H_q, q, D]``: token ``i`` of the last ``q`` appended attends to the real entries up to its own; 0
+        when its own entry is padding."""
+        b, h_q, q, d = query.shape
+        groups = h_q // self.h
+        out = torch.zeros(b, h_q, q, d, dtype=torch.float64)
+        for (row, head), entries in self.sets.items():
+            for i in range(q):
+                own = len(entries) - q + i
+                if not entries[own][2]:
+                    continue
+                seen = [e for e in entries[: own + 1] if e[2]]
+                keys = torch.stack([e[0] for e in seen]).double()
+                values = torch.stack([e[1] for e in seen]).double()
+                for j in range(groups):
+                    weights = torch.softmax(query[row, head * groups + j, i].double() @ keys.T * scale, dim=-1)
+                    out[row, head * groups + j, i] = weights @ values
+        return out
+
+
+def eager_layer_attention(layer, query, incoming_new: torch.Tensor, q: int, keys, values, mask, scale):
+    """Attention over the padded view the eager path gets (``keys``/``values`` from ``update``, ``mask`` from
+    ``attention_mask`` asked before it), padding queries zeroed."""
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    logits = (query @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    out = torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values
+    return out * layer.tail_valid[:, -q:][:, None, :, None]
+
+
+# (B, H_kv, groups, D, lengths): single rows, batches, heads that keep nothing, one KV head
+REGION_SHAPES = [
+    (1, 3, 3, 8, [[5, 0, 9]]),
+    (2, 2, 1, 4, [[3, 7], [0, 2]]),
+    (3, 1, 4, 6, [[4], [1], [0]]),
+    (2, 4, 2, 8, [[1, 6, 2, 0], [5, 5, 3, 8]]),
+]
+
+
+def region_steps(b: int, generator) -> list[tuple[int, torch.Tensor | None]]:
+    """A decoding run: ``(q, pending_valid)`` per forward: multi-token forwards, padding among new tokens (rows of a
+    batch), then many single tokens (past the reserved room)."""
+    padded = torch.rand(b, 3, generator=generator) < 0.4
+    padded[:, -1] = False  # the last new token is real (a full row of padding is also checked below)
+    steps = [(3, ~padded if b > 1 else None), (1, None), (2, None)]
+    if b > 1:
+        row_padding = torch.ones(b, 1, dtype=torch.bool)
+        row_padding[0] = False  # row 0 feeds a padding token (an ended row in a batch)
+        steps.append((1, row_padding))
+    return steps + [(1, None)] * 12
+
+
+@pytest.mark.parametrize("reserve", [2, RaggedLayer.APPEND_RESERVE])
+@pytest.mark.parametrize("b, h, groups, d, counts", REGION_SHAPES)
+def test_region_attention_equals_naive_masked_attention_fp64(b, h, groups, d, counts, reserve, monkeypatch):
+    """sdpa's path (:func:`ragged_layer_attention` over the layer's storage) and eager's (padded view and per-head
+    mask) both equal naive attention over each head's kept entries and real appended tokens, in fp64, at every step:
+    multi-token forwards (causal among the new tokens), padding among new tokens, padding query tokens (0), and
+    appends that outgrow the reserved room (``reserve=2``: many times) or not."""
+    from kvpress_like.kernels.ragged_attention import ragged_layer_attention
+
+    monkeypatch.setattr(RaggedLayer, "APPEND_RESERVE", reserve)
+    g = torch.Generator().manual_seed(b * 100 + h * 10 + d)
+    lengths = torch.tensor(counts)
+    n = int(lengths.sum())
+    flat_keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+    flat_values = torch.randn(n, d, generator=g, dtype=torch.float64)
+    layer = RaggedLayer(flat_keys.clone(), flat_values.clone(), lengths, 50, (b, h, 50, d))
+    naive = NaiveKeySets(flat_keys, flat_values, lengths)
+    scale = 0.7
+    rooms = set()
+    for q, valid in region_steps(b, g):
+        keys = torch.randn(b, h, q, d, generator=g, dtype=torch.float64)
+        values = torch.randn(b, h, q, d, generator=g, dtype=torch.float64)
+        query = torch.randn(b, h * groups, q, d, generator=g, dtype=torch.float64)
+        step_valid = torch.ones(b, q, dtype=torch.bool) if valid is None else valid
+        naive.append(keys, values, step_valid)
+        expected = naive.attention(query, scale)
+
+        incoming = torch.ones(q, q, dtype=torch.bool).tril()[None, None] & step_valid[:, None, None, :]
+        mask = layer.attention_mask(incoming, q, None, groups)  # asked before the update, as the hooks do
+        layer.pending_valid = valid
+        padded_keys, padded_values = layer.update(keys, values)
+        eager = eager_layer_attention(layer, query, incoming, q, padded_keys, padded_values, mask, scale)
+        torch.testing.assert_close(eager, expected, rtol=0, atol=1e-12)
+
+        got = ragged_layer_attention(query, layer, scale)
+        assert got.shape == (b, h * groups, q, d) and got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        rooms.add(layer._room)
+        assert layer.tail_keys.shape == (b, h, len(naive.sets[0, 0]) - int(lengths[0, 0]), d)
+    assert torch.equal(layer.lengths, lengths) and torch.equal(layer.flat_keys, flat_keys)
+    assert len(rooms) > (2 if reserve == 2 else 0), "the room must have grown several times"
+
+
+def test_region_attention_float32_matches_fp64_and_sdpa_flag_path():
+    """fp32 storage (the model's usual dtype): the layer path through ``skip_padded_view`` (``update`` returns the
+    storage itself, not a padded copy) agrees with the fp64 reference."""
+    from kvpress_like.kernels.ragged_attention import ragged_layer_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, h, groups, d = 1, 3, 3, 16
+    lengths = torch.tensor([[40, 3, 17]])
+    flat = torch.randn(60, d, generator=g), torch.randn(60, d, generator=g)
+    layer = RaggedLayer(flat[0].clone(), flat[1].clone(), lengths, 100, (b, h, 100, d))
+    naive = NaiveKeySets(*flat, lengths)
+    for _ in range(RaggedLayer.APPEND_RESERVE + 5):
+        keys, values = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+        naive.append(keys, values, torch.ones(b, 1, dtype=torch.bool))
+        layer.skip_padded_view = True
+        stored_keys, _ = layer.update(keys, values)
+        assert stored_keys.ndim == 2  # the storage, not a padded view
+        query = torch.randn(b, h * groups, 1, d, generator=g)
+        got = ragged_layer_attention(query, layer)
+        torch.testing.assert_close(got.double(), naive.attention(query, d ** -0.5), rtol=0, atol=1e-5)
+
+
+def test_ragged_layer_fields_can_be_assigned_one_at_a_time():
+    """Loading a saved layer assigns its fields one by one (inconsistent in between): the storage is rebuilt at the
+    next use, decoding then continues exactly as on the original; inconsistent fields raise at that use."""
+    from kvpress_like.kernels.ragged_attention import ragged_layer_attention
+
+    layer, *_ = make_ragged()
+    g = torch.Generator().manual_seed(8)
+    for q in (2, 1):
+        layer.pending_valid = torch.tensor([[True] * q, [False] + [True] * (q - 1)])
+        layer.update(torch.randn(B, H, q, D, generator=g), torch.randn(B, H, q, D, generator=g))
+    copy = RaggedLayer(layer.flat_keys, layer.flat_values, layer.lengths, 0, (B, H, 0, D))
+    for name in ("tail_keys", "tail_values", "tail_valid"):
+        setattr(copy, name, getattr(layer, name))
+    copy.logical_length = layer.logical_length
+    copy.keys = copy.keys.clone()  # an alias of flat_keys
+    for name in RaggedLayer.LAYOUT_FIELDS:
+        assert torch.equal(getattr(copy, name), getattr(layer, name)), name
+    new, query = torch.randn(B, H, 1, D, generator=g), torch.randn(B, 2 * H, 1, D, generator=g)
+    for each in (layer, copy):
+        each.update(new, new)
+    torch.testing.assert_close(ragged_layer_attention(query, copy), ragged_layer_attention(query, layer), rtol=0,
+                               atol=0)
+    assert copy.get_seq_length() == layer.get_seq_length()
+    copy.tail_valid = copy.tail_valid[:, :1]
+    with pytest.raises(ValueError, match="tail_valid"):
+        copy.update(new, new)
+
+
+def test_crop_then_append_reuses_the_room():
+    """Cropped appended tokens free their room: appending again writes in place, and what was cropped (also its
+    padding flag) is never seen again."""
+    from kvpress_like.kernels.ragged_attention import ragged_layer_attention
+
+    layer, *_ = make_ragged()
+    naive = NaiveKeySets(layer.flat_keys, layer.flat_values, layer.lengths)
+    g = torch.Generator().manual_seed(9)
+    first = torch.randn(B, H, 3, D, generator=g)
+    layer.pending_valid = torch.tensor([[True, True, True], [True, False, True]])
+    layer.update(first, first)
+    naive.append(first[:, :, :1], first[:, :, :1], torch.ones(B, 1, dtype=torch.bool))
+    storage, room = layer._k, layer._room
+    layer.crop(-2)
+    for _ in range(4):
+        new, query = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        layer.update(new, new)
+        naive.append(new, new, torch.ones(B, 1, dtype=torch.bool))
+        torch.testing.assert_close(ragged_layer_attention(query, layer).double(), naive.attention(query, D ** -0.5),
+                                   rtol=0, atol=1e-5)
+    assert layer._k is storage and layer._room == room and bool(layer.tail_valid.all())
+
+
+def test_long_ragged_decoding_past_the_reserved_room_equals_masked_full_attention_fp64():
+    """A model decoding more tokens than the room reserved at the first step (the storage is laid out again) gives
+    the logits of masked full attention at every step (fp64, sdpa on both sides)."""
+    if "llama" not in _FP64_MODELS:
+        _FP64_MODELS["llama"] = tiny_model("llama", "sdpa", **INIT).double()
+    model = _FP64_MODELS["llama"]
+    p = KEY_PRESSES["snapkv"]()
+    ids = random_ids(40, seed=13, distinct=True)
+    s, steps = ids.shape[1], RaggedLayer.APPEND_RESERVE + 8
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        logits = [model(ids, **{CACHE_KWARG: cache}).logits[:, -1]]
+        tokens = []
+        for _ in range(steps):
+            tokens.append(logits[-1].argmax(-1, keepdim=True))
+            logits.append(model(tokens[-1], **{CACHE_KWARG: cache}).logits[:, -1])
+    ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
+    assert ragged and all(layer._room > 1 + RaggedLayer.APPEND_RESERVE for layer in ragged)  # grown past step 1's
+    full_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{CACHE_KWARG: full_cache})
+        kept = [kept_from_layer(layer, full_cache.layers[idx].keys) for idx, layer in enumerate(cache.layers)]
+        reference = reference_decode(model, full_cache, kept, torch.ones(1, s, dtype=torch.bool),
+                                     torch.cat(tokens, dim=1), start=s)
+    for step in range(steps):
+        torch.testing.assert_close(logits[step + 1], reference[step], rtol=0, atol=1e-12)

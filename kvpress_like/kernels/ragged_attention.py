@@ -1,6 +1,14 @@
 """Attention of new query tokens over a per-head ragged KV cache (every KV head of every row keeps its own count).
 
-The cache is laid out as :class:`kvpress_like.cache.RaggedLayer` stores it: the compressed context flat, head
+:func:`ragged_attention` takes the cache in its flat layout (the fields of :class:`kvpress_like.cache.RaggedLayer`,
+described below). On CPU, :func:`ragged_layer_attention` instead attends over the layer's storage as it is, with
+:func:`region_attention`: each head's key set is one contiguous region of one ``[C, D]`` storage (kept entries, then
+the tokens appended in place), so a decoding step is, per key set, one product over a view, a softmax and one
+product into the output, with no copy of the cache, no mask (unless new tokens are padding or several are fed at
+once) and no host synchronisation; the geometry comes from the layer as host lists. (The flat layout's CPU path
+below needs the appended tokens apart, and concatenates logits and masks per key set.)
+
+The flat layout: the compressed context flat, head
 ``(b, h)`` owning ``lengths[b, h]`` consecutive rows of ``flat_keys``/``flat_values`` (segments in ``(b, h)``
 row-major order), plus an optional dense tail ``[B, H_kv, T, D]`` of tokens appended afterwards to every head, with
 ``tail_valid`` ``[B, T]`` marking padding among them. The key set of head ``(b, h)`` is its flat segment followed by
@@ -13,14 +21,14 @@ Three paths, same result:
 * flash-attention installed, CUDA fp16/bf16 tensors: ``flash_attn_varlen_func`` with each ``(b, h_kv)`` one
   variable-length sequence (its real entries packed back to back, tail padding left out), the group's query heads as
   heads, queries of padding tokens left out;
-* on CPU (when the new tokens are all in the tail, as after a :class:`~kvpress_like.cache.RaggedLayer` update): per
-  key set, logits (fp32, or fp64 for fp64 inputs) over its flat segment (a view, nothing copied) and over its
-  tail, one softmax, two products; a decoding step then never copies the cache;
+* on CPU (when the new tokens are all in the tail): per key set, logits (fp32, or fp64 for fp64 inputs) over its
+  flat segment (a view, nothing copied) and over its tail, one softmax, two products;
 * otherwise PyTorch: the key sets gathered into a padded ``[B, H_kv, L_max + T, D]`` batch and one masked
   ``scaled_dot_product_attention`` with the group's query heads stacked along the query axis (keys never repeated).
 
-Outputs at padding query tokens (whose own entry is tail padding) are 0. This module mirrors no scorer: it is the
-building block for attending over a :class:`~kvpress_like.cache.RaggedLayer` without its padded view.
+Outputs at padding query tokens (whose own entry is tail padding) are 0, on every path. This module mirrors no
+scorer: it is the building block for attending over a :class:`~kvpress_like.cache.RaggedLayer` without its padded
+view.
 """
 
 from __future__ import annotations
@@ -188,20 +196,79 @@ def _segment_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _
 
 
 def ragged_layer_attention(query: torch.Tensor, layer, scale: float | None = None) -> torch.Tensor:
-    """:func:`ragged_attention` over a :class:`~kvpress_like.cache.RaggedLayer` after its ``update`` (the new tokens
-    are the last ``q`` entries of its tail).
+    """Attention of the ``q`` new tokens over a :class:`~kvpress_like.cache.RaggedLayer` after its ``update`` (they
+    are the last ``q`` appended tokens of every head).
+
+    On CPU, :func:`region_attention` over the layer's storage as it is (each head's key set is one contiguous region:
+    no copy of the cache, no mask, no host synchronisation in a decoding step); elsewhere :func:`ragged_attention`
+    over its flat layout (flash-attention's varlen kernel when it applies).
 
     Args:
         query: ``[B, H_q, q, D]``.
-        layer: the ragged layer (``flat_keys``, ``flat_values``, ``lengths``, ``tail_keys``, ``tail_values``,
-            ``tail_valid`` are read, nothing is changed).
+        layer: the ragged layer (read, not changed).
         scale: logit scale (default ``D ** -0.5``).
 
     Returns:
-        ``[B, H_q, q, D]`` in ``query``'s dtype.
+        ``[B, H_q, q, D]`` in ``query``'s dtype; 0 at new tokens that are padding.
     """
+    if query.device.type == "cpu":
+        return region_attention(query, *layer.attention_regions(), scale)
     return ragged_attention(query, layer.flat_keys, layer.flat_values, layer.lengths, scale, True,
                             tail_keys=layer.tail_keys, tail_values=layer.tail_values, tail_valid=layer.tail_valid)
+
+
+def region_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int],
+                     lengths: list[int], tail: int, tail_valid: torch.Tensor, all_valid: bool,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal attention of ``q`` new tokens over key sets that are contiguous regions of one storage.
+
+    Key set ``i = b * H_kv + h`` is ``keys[starts[i] : starts[i] + lengths[i] + tail]``: ``lengths[i]`` entries all
+    visible, then ``tail`` entries shared in position by every key set of row ``b`` (``tail_valid[b]`` marks the real
+    ones), of which the ``q`` new tokens are the last ``q``; token ``i`` sees the tail entries up to its own. Per key
+    set: logits of the group's ``G * q`` queries (fp32, or wider for fp64 inputs) over the region (a view), softmax,
+    weighted sum; masks only when ``q > 1`` or some tail entry is padding (``all_valid`` False).
+
+    Args:
+        query: ``[B, H_q, q, D]``, ``H_q = G * H_kv`` (query head ``h * G + j`` reads key set ``h``).
+        keys: ``[C, D]`` storage; values: ``[C, D_v]``.
+        starts, lengths: host lists of ``B * H_kv`` ints, row-major over ``(b, h)``.
+        tail: ``T >= q``, entries after each key set's ``lengths[i]``.
+        tail_valid: ``[B, T]`` bool.
+        all_valid: ``bool(tail_valid.all())``, known to the caller without a synchronisation.
+        scale: logit scale (default ``D ** -0.5``).
+
+    Returns:
+        ``[B, H_q, q, D_v]`` in ``query``'s dtype; 0 at new tokens whose own tail entry is padding.
+    """
+    b, h_q, q, d = query.shape
+    if b == 0 or len(starts) % b or h_q % (len(starts) // b) or len(lengths) != len(starts) or tail < q:
+        raise ValueError(f"region_attention: inconsistent shapes: query {tuple(query.shape)}, {len(starts)} key sets, "
+                         f"tail {tail}")
+    h_kv = len(starts) // b
+    g = h_q // h_kv
+    scale = d ** -0.5 if scale is None else float(scale)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scaled = query.reshape(b, h_kv, g * q, d).to(dtype) * scale  # rows of key set h: (j, token) for j < G
+    out = scaled.new_empty(b, h_kv, g * q, values.shape[-1])
+    hidden = None
+    if q > 1 or not all_valid:  # tail entries each new token does not see: padding, and causal among new tokens
+        place = torch.arange(tail, device=query.device)
+        visible = tail_valid[:, None, :] & (place <= place[tail - q:, None])  # [B, q, T]
+        hidden = ~visible[:, None].expand(b, g, q, tail).reshape(b, g * q, tail)
+    cast = keys.dtype != dtype
+    for i, (queries, result, start, length) in enumerate(zip(scaled.view(b * h_kv, g * q, d).unbind(0),
+                                                              out.view(b * h_kv, g * q, -1).unbind(0), starts, lengths)):
+        region_keys, region_values = keys[start:start + length + tail], values[start:start + length + tail]
+        if cast:
+            region_keys, region_values = region_keys.to(dtype), region_values.to(dtype)
+        logits = torch.matmul(queries, region_keys.T)  # [G * q, L + T]
+        if hidden is not None:
+            logits[:, length:].masked_fill_(hidden[i // h_kv], float("-inf"))
+        torch.matmul(torch.softmax(logits, dim=-1), region_values, out=result)
+    out = out.view(b, h_q, q, -1)
+    if not all_valid:  # padding new tokens (their rows may see nothing at all: NaN) give 0
+        out = out.masked_fill(~tail_valid[:, None, tail - q:, None], 0.0)
+    return out.to(query.dtype)
 
 
 def _torch_path(query, flat_keys, flat_values, tail_keys, tail_values, sets: _Sets, scale: float) -> torch.Tensor:
