@@ -311,26 +311,109 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-def cmd_run(args) -> int:
+# The built-in sample needs room for its needle (about 15 tokens) and 16 tokens of haystack; checked before the model
+# (and its tokenizer) is loaded, so it is a little stricter than what any tokenizer needs.
+MIN_SAMPLE_LENGTH = 64
+
+
+def _check_model_arg(model: str) -> None:
+    """``--model`` is ``default`` or a directory holding a transformers model (checked without importing them)."""
+    if model == "default":
+        return
+    directory = Path(model).expanduser()
+    if not directory.exists():
+        raise CLIError(f"--model {model}: no such directory (pass 'default' for the embedded SmolLM2-135M-Instruct, "
+                       "or a directory saved with save_pretrained; nothing is downloaded)")
+    if not directory.is_dir():
+        raise CLIError(f"--model {model}: not a directory (a model is a directory saved with save_pretrained)")
+    if not (directory / "config.json").is_file():
+        raise CLIError(f"--model {model}: not a model directory (no config.json; a model is a directory saved with "
+                       "save_pretrained, holding config.json, the weights and the tokenizer)")
+
+
+def _load_model(args):
+    """``(model, tokenizer, label, seconds)`` for ``--model``/``--dtype``; a directory that transformers cannot load
+    as a causal LM with its tokenizer is a :class:`CLIError`."""
     import torch
 
-    from .decoding import DecodingPress
     from .eval import model as eval_model
+
+    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    _stage(f"loading model {label} ...")
+    start = time.perf_counter()
+    try:
+        model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:  # what from_pretrained raises for a directory it cannot load
+        if args.model == "default":
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"--model {args.model}: cannot load a causal LM and its tokenizer from it: {first}") from error
+    seconds = time.perf_counter() - start
+    _stage(f"model loaded in {seconds:.1f} s")
+    return model, tokenizer, label, seconds
+
+
+def _read_context_file(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise CLIError(f"cannot read --context-file: {error}") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CLIError(f"--context-file {path} is not UTF-8 text (invalid byte 0x{data[error.start]:02x} at offset "
+                       f"{error.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise CLIError(f"--context-file {path} is empty")
+    return text
+
+
+def _check_run_args(args) -> str | None:
+    """Every check of ``run``'s arguments that needs neither torch nor the model; returns the context file's text."""
+    for name in ("max_new_tokens", "chunk_size", "length", "decode_budget", "decode_interval"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.ratio != "auto" and not 0.0 <= args.ratio < 1.0:
+        raise CLIError(f"--ratio must be in [0, 1) (0 keeps everything, 0.6 keeps 40 %) or 'auto'; got {args.ratio:g}")
+    if args.ratio != "auto" and (args.quality is not None or args.calibration is not None):
+        raise CLIError("--quality and --calibration go with --ratio auto")
+    if args.quality is not None and not 0.0 < args.quality <= 1.0:
+        raise CLIError(f"--quality must be a number in (0, 1]; got {args.quality:g}")
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        raise CLIError(f"--calibration {args.calibration}: no such file")
+    if not 0.0 <= args.depth <= 1.0:
+        raise CLIError(f"--depth must be in [0, 1] (0 = start of the context, 1 = end); got {args.depth:g}")
+    if args.context_file is None and args.length is not None and args.length < MIN_SAMPLE_LENGTH:
+        raise CLIError(f"--length must be >= {MIN_SAMPLE_LENGTH} tokens for the built-in sample (room for the needle); "
+                       f"got {args.length}")
+    if args.allocator is not None and any(item.partition("=")[0].strip() == "allocator"
+                                          for item in args.press_arg or []):
+        raise CLIError("give the allocator once: --allocator or --press-arg allocator=...")
+    _check_model_arg(args.model)
+    return _read_context_file(args.context_file) if args.context_file is not None else None
+
+
+def cmd_run(args) -> int:
+    file_text = _check_run_args(args)  # before importing torch and loading the model
+    press_args = parse_press_args(args.press_arg)
+    if args.allocator is not None:
+        press_args["allocator"] = args.allocator
+
+    from .calibration import load_calibration
+    from .chunked import check_press
+    from .decoding import DecodingPress
     from .eval import sample as eval_sample
     from .registry import architecture_for, create_press
 
-    if args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise CLIError(f"--chunk-size must be >= 1; got {args.chunk_size}")
-    if args.length is not None and args.length < 1:
-        raise CLIError(f"--length must be >= 1; got {args.length}")
-    press_args = parse_press_args(args.press_arg)
-    if args.ratio != "auto" and (args.quality is not None or args.calibration is not None):
-        raise CLIError("--quality and --calibration go with --ratio auto")
     if args.ratio == "auto":
         press_args["quality"] = 0.95 if args.quality is None else args.quality
         if args.calibration is not None:
+            try:
+                load_calibration(args.calibration)
+            except ValueError as error:
+                raise CLIError(f"--calibration: {error}") from error
             press_args["params"] = args.calibration
     try:
         p = create_press(args.press, ratio=args.ratio, **press_args)
@@ -339,24 +422,15 @@ def cmd_run(args) -> int:
                               compress_prefill=True)
     except (TypeError, ValueError) as error:
         raise CLIError(f"cannot create press {args.press!r}: {error}") from error
-    if args.context_file is not None:
+    if args.chunk_size is not None:
         try:
-            with open(args.context_file, encoding="utf-8") as handle:
-                file_text = handle.read()
-        except OSError as error:
-            raise CLIError(f"cannot read --context-file: {error}") from error
-        if not file_text.strip():
-            raise CLIError(f"--context-file {args.context_file} is empty")
-    else:
+            check_press(p)
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"--chunk-size: {error}") from error
+    if args.context_file is None:
         eval_sample.data_dir()  # fail early, before the slow model load, if the haystack is not installed
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
-    _stage(f"loading model {label} ...")
-    start = time.perf_counter()
-    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
-    load_seconds = time.perf_counter() - start
-    _stage(f"model loaded in {load_seconds:.1f} s")
+    model, tokenizer, label, load_seconds = _load_model(args)
     try:
         architecture_for(model.config)
     except ValueError as error:
@@ -412,14 +486,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.samples < 1 or any(n < 1 for n in args.length):
+        raise CLIError("--samples and --length must be >= 1")
+    bad = [r for r in args.ratios if not 0.0 <= r < 1.0]
+    if bad:
+        raise CLIError(f"--ratios must be in [0, 1); got {bad}")
+    _check_model_arg(args.model)
 
-    from .eval import model as eval_model
     from .eval import runner
     from .eval import sample as eval_sample
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     grid = {"presses": args.presses, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.length,
             "samples": args.samples}
     try:
@@ -429,10 +507,7 @@ def cmd_eval(args) -> int:
     eval_sample.data_dir()
     output = Path(args.output or Path("eval_results") / ("default" if args.model == "default" else
                                                           Path(args.model).name))
-    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
-    _stage(f"loading model {label} ...")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    model, tokenizer, label, _ = _load_model(args)
     records = runner.run_eval(model, tokenizer, **grid, output_dir=output, mode=args.mode, seed=args.seed,
                               model_name=args.model, max_new_tokens=args.max_new_tokens,
                               progress=not args.no_progress)
@@ -450,21 +525,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import torch
+    if args.samples < 1 or any(n < 64 for n in args.lengths):
+        raise CLIError("--samples must be >= 1 and --lengths >= 64 tokens")
+    _check_model_arg(args.model)
 
     from . import calibration
-    from .eval import model as eval_model
     from .registry import list_presses
 
     unknown = [name for name in args.press if name not in list_presses()]
     if unknown:
         raise CLIError(f"unknown press(es) {unknown}; see kvpress-like presses")
-    if args.samples < 1 or any(n < 64 for n in args.lengths):
-        raise CLIError("--samples must be >= 1 and --lengths >= 64 tokens")
-    label = eval_model.DEFAULT_MODEL_NAME if args.model == "default" else args.model
-    _stage(f"loading model {label} ...")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = eval_model.load_model(args.model, dtype=dtype)
+    model, tokenizer, label, _ = _load_model(args)
     try:
         result = calibration.calibrate(model, tokenizer, args.press, lengths=args.lengths, samples=args.samples,
                                        seed=args.seed, model_name=label, progress=not args.no_progress)
@@ -519,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --ratio auto: fraction of full-cache quality to keep, in (0, 1] (default: 0.95)")
     run.add_argument("--calibration", metavar="FILE",
                      help="with --ratio auto: parameters from kvpress-like calibrate (default: the shipped ones)")
+    run.add_argument("--allocator", metavar="NAME",
+                     help="budget allocator (kvpress-like presses lists them; default: the press's own, uniform)")
     run.add_argument("--press-arg", action="append", metavar="KEY=VALUE",
                      help="extra press parameter, repeatable (e.g. --press-arg window=32 "
                      "--press-arg allocator=uniform)")
@@ -594,9 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import PluginError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("kvpress-like: interrupted", file=sys.stderr)
+        return 130
     except CLIError as error:
         print(f"kvpress-like: error: {error}", file=sys.stderr)
         return 2

@@ -195,7 +195,11 @@ class KVPressTextGenerationPipeline(Pipeline):
 
 
 def register() -> None:
-    """Register the ``kv-press-text-generation`` task with transformers (done on ``import kvpress_like``)."""
+    """Register the ``kv-press-text-generation`` task with transformers (done when this module is imported, which
+    ``import kvpress_like`` arranges for as soon as ``transformers.pipelines`` is imported)."""
     if TASK not in PIPELINE_REGISTRY.supported_tasks:
         PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=KVPressTextGenerationPipeline,
                                             pt_model=AutoModelForCausalLM)
+
+
+register()

@@ -201,9 +201,9 @@ def test_run_user_errors(args, message, model_dir, context_file, capsys):
 
 def test_run_missing_model_directory(tmp_path, context_file, capsys):
     code = cli.main(["run", "--model", str(tmp_path / "nope"), "--context-file", str(context_file)])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
-    assert "is not a local directory" in err and "nothing is downloaded" in err
+    assert "no such directory" in err and "nothing is downloaded" in err
 
 
 def test_missing_default_model_names_the_install_command(monkeypatch, context_file, capsys):
@@ -357,3 +357,125 @@ def test_run_ratio_must_be_a_number_or_auto(model_dir, context_file, capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--ratio", "half"])
     assert "a number in [0, 1) or 'auto'" in capsys.readouterr().err
+
+
+# -- bad arguments are refused before torch is imported and before the model is loaded -------------------------------
+def _never_load(*args, **kwargs):
+    raise AssertionError("the model loader must not be called for a bad argument")
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 cr\xe8me, d\xe9j\xe0 vu".encode("latin-1"))
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    not_json = tmp_path / "calibration.json"
+    not_json.write_text("{not json")
+    return {"not_utf8": str(not_utf8), "not_a_model": str(not_a_model), "a_file": str(not_a_model / "notes.txt"),
+            "not_json": str(not_json)}
+
+
+BAD_ARGUMENTS = [
+    (["run", "--length", "10"], "--length must be >= 64 tokens for the built-in sample"),
+    (["run", "--depth", "2"], "--depth must be in [0, 1]"),
+    (["run", "--ratio", "auto", "--calibration", "missing.json"], "--calibration missing.json: no such file"),
+    (["run", "--ratio", "auto", "--calibration", "{not_json}"], "is not readable JSON"),
+    (["run", "--chunk-size", "64", "--allocator", "head_adaptive"], "uses allocator head_adaptive"),
+    (["run", "--chunk-size", "64", "--press-arg", "allocator=head_adaptive"], "uses allocator head_adaptive"),
+    (["run", "--chunk-size", "64", "--press", "chunkkv"], "ChunkKVPress overrides compress"),
+    (["run", "--allocator", "pyramid", "--press-arg", "allocator=uniform"], "give the allocator once"),
+    (["run", "--context-file", "{not_utf8}"], "is not UTF-8 text (invalid byte 0xe9 at offset 3)"),
+    (["run", "--model", "{not_a_model}"], "not a model directory (no config.json"),
+    (["run", "--model", "{a_file}"], "not a directory"),
+    (["run", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+    (["run", "--decode-budget", "0"], "--decode-budget must be >= 1"),
+    (["eval", "--ratios", "0.5", "2"], "--ratios must be in [0, 1); got [2.0]"),
+    (["eval", "--model", "{not_a_model}"], "not a model directory"),
+    (["calibrate", "--samples", "0"], "--samples must be >= 1"),
+    (["calibrate", "--model", "{not_a_model}"], "not a model directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_fail_with_one_line_before_the_model_loads(argv, message, bad_inputs, monkeypatch, capsys):
+    monkeypatch.setattr(eval_model, "load_model", _never_load)
+    monkeypatch.setattr(eval_model, "load_default_model", _never_load)
+    code = cli.main([arg.format(**bad_inputs) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("kvpress-like: error: ")  # one clean line, no traceback
+
+
+def test_cheap_bad_arguments_are_refused_without_importing_torch(bad_inputs):
+    """In a fresh interpreter: `import kvpress_like` and every argument check that needs no press run without
+    importing torch or transformers."""
+    import subprocess
+    import sys
+
+    cheap = [argv for argv, _ in BAD_ARGUMENTS if not any("allocator" in a or a in ("chunkkv", "{not_json}")
+                                                          for a in argv)]
+    cases = [[arg.format(**bad_inputs) for arg in argv] for argv in cheap]
+    code = (
+        "import sys, json\n"
+        "import kvpress_like\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from kvpress_like.cli import main\n"
+        f"codes = [main(argv) for argv in {cases!r}]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules, "
+        "'transformers': 'transformers' in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2] * len(cases), "torch": False, "transformers": False}
+
+
+def test_a_directory_transformers_cannot_load_is_a_clean_error(tmp_path, context_file, capsys):
+    (tmp_path / "config.json").write_text("not json")
+    code = cli.main(["run", "--model", str(tmp_path), "--context-file", str(context_file), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--model {tmp_path}: cannot load a causal LM and its tokenizer from it" in err
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, context_file, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_model, "load_default_model", interrupted)
+    assert cli.main(["run", "--context-file", str(context_file)]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("kvpress-like: interrupted\n") and "Traceback" not in err
+
+
+def test_lazy_public_api_and_pipeline_registration():
+    """`import kvpress_like` is light; every public name still resolves; `kvpress_like.press` is the function even
+    after the `kvpress_like.press` submodule is imported; the pipeline task is registered once transformers'
+    pipelines are imported, whatever the order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import kvpress_like\n"
+        "assert 'torch' not in sys.modules\n"
+        "from kvpress_like.press import Press\n"
+        "assert callable(kvpress_like.press) and kvpress_like.press.__module__ == 'kvpress_like.context'\n"
+        "assert all(getattr(kvpress_like, name) is not None for name in kvpress_like.__all__)\n"
+        "assert set(kvpress_like.__all__) <= set(dir(kvpress_like))\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "assert 'kv-press-text-generation' in PIPELINE_REGISTRY.supported_tasks\n"
+    )
+    other_order = (
+        "import kvpress_like\n"
+        "from transformers import pipeline\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "assert 'kv-press-text-generation' in PIPELINE_REGISTRY.supported_tasks\n"
+    )
+    for source in (code, other_order):
+        done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
