@@ -741,10 +741,26 @@ def test_non_causal_attention_press(case):
     assert_scores_close(got, want, ref.valid, rtol=1e-3)
 
 
-def ref_compactor(ctx, ref, blending, sketch, chunk, kernel, seed):
-    attention = ref_avg_pool(ref_non_causal(ref.q, ref.k, ref.valid, ref.scale, chunk), kernel, ref.valid)
+def ref_standardise_layer(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row: ``(x - mean) / (std + 1e-6)`` over every head's real tokens together (population std)."""
+    out = torch.zeros_like(x, dtype=F64)
+    for b in range(x.shape[0]):
+        real = valid[b].nonzero().flatten()
+        vals = x[b][:, real].to(F64)
+        out[b][:, real] = (vals - vals.mean()) / (((vals - vals.mean()) ** 2).mean().sqrt() + 1e-6)
+    return out
+
+
+def ref_compactor(ctx, ref, blending, sketch, chunk, kernel, seed, leverage_kernel=1, value_norm=False, scale=None,
+                  over="head"):
+    attention = ref_non_causal(ref.q, ref.k, ref.valid, ref.scale if scale is None else scale, chunk)
+    if value_norm:
+        attention = attention * ref.v.norm(dim=-1)
+    attention = ref_avg_pool(attention, kernel, ref.valid)
     lev = ref_leverage(ref.k_pre, ref.valid, gaussian(ref.k_pre.shape[-1], sketch, seed) if sketch < 16 else None)
-    return ref_standardise(attention, ref.valid) + blending * ref_standardise(lev, ref.valid)
+    lev = ref_avg_pool(lev, leverage_kernel, ref.valid)
+    z = ref_standardise if over == "head" else ref_standardise_layer
+    return z(attention, ref.valid) + blending * z(lev, ref.valid)
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES)
@@ -757,6 +773,33 @@ def test_compactor_blend(case, blending, sketch, chunk, kernel):
     want = ref_compactor(ctx, ref, blending, sketch, chunk, kernel, 2)
     assert_scores_close(got, want, ref.valid, atol=2e-2)  # z-scores: absolute tolerance
     assert_same_kept(got, want, ref.valid, margin=2e-2)
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES)
+@pytest.mark.parametrize("options", [
+    dict(leverage_kernel_size=5),
+    dict(value_norm=True, attention_scale=1.0, standardise_over="layer", kernel_size=3),
+    dict(blending=None, leverage_kernel_size=3),  # blending None: the ratio weighs leverage
+])
+def test_compactor_options(case, options):
+    ctx, ref = build_ctx(case)
+    p = kvpress_like.CompactorPress(ratio=0.75, chunk_size=12, sketch_size=8, seed=1, **options)
+    got = p.score(ctx)
+    blending = options.get("blending", p.blending)
+    want = ref_compactor(ctx, ref, 0.75 if blending is None else blending, 8, 12, p.kernel_size, 1,
+                         leverage_kernel=p.leverage_kernel_size, value_norm=p.value_norm, scale=p.attention_scale,
+                         over=p.standardise_over)
+    assert_scores_close(got, want, ref.valid, atol=2e-2)
+    assert_same_kept(got, want, ref.valid, margin=2e-2)
+    assert p.score_depends_on_ratio == (blending is None)
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_pooled_leverage_press(case):
+    ctx, ref = build_ctx(case)
+    got = kvpress_like.LeverageScorePress(sketch_size=8, seed=3, leverage_kernel_size=5).score(ctx)
+    want = ref_avg_pool(ref_leverage(ref.k_pre, ref.valid, gaussian(ref.k_pre.shape[-1], 8, 3)), 5, ref.valid)
+    assert_scores_close(got, want, ref.valid, rtol=3e-3)  # as for unpooled leverage (the Gram regularisation)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
