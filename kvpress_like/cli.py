@@ -488,12 +488,6 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if args.samples < 1 or any(n < 1 for n in args.length):
-        raise CLIError("--samples and --length must be >= 1")
-    bad = [r for r in args.ratios if not 0.0 <= r < 1.0]
-    if bad:
-        raise CLIError(f"--ratios must be in [0, 1); got {bad}")
-    _check_model_arg(args.model)
 
     from .eval import runner
     from .eval import sample as eval_sample
@@ -504,6 +498,7 @@ def cmd_eval(args) -> int:
         runner._check_grid(**grid, mode=args.mode)  # fail before the slow model load
     except ValueError as error:
         raise CLIError(str(error)) from error
+    _check_model_arg(args.model)
     eval_sample.data_dir()
     output = Path(args.output or Path("eval_results") / ("default" if args.model == "default" else
                                                           Path(args.model).name))
