@@ -133,7 +133,8 @@ def reference_decode(ref_model, full_cache, kept: list[torch.Tensor], prompt_val
 
 KEY_PRESSES = {
     "snapkv": lambda: SnapKVPress(ratio=0.6, window=4, allocator="head_adaptive"),
-    "compactor": lambda: CompactorPress(ratio=0.6, window=4, allocator="head_adaptive"),
+    "compactor": lambda: CompactorPress(ratio=0.6, window=4, n_sink=0, blending=0.3, leverage_kernel_size=1,
+                                        allocator="head_adaptive"),  # parameters under which every model is ragged
 }
 STEPS = 6
 

@@ -770,7 +770,7 @@ def test_compactor_blend(case, blending, sketch, chunk, kernel):
     p = kvpress_like.CompactorPress(blending=blending, sketch_size=sketch, chunk_size=chunk, kernel_size=kernel,
                                     seed=2)
     got = p.score(ctx)
-    want = ref_compactor(ctx, ref, blending, sketch, chunk, kernel, 2)
+    want = ref_compactor(ctx, ref, blending, sketch, chunk, kernel, 2, leverage_kernel=p.leverage_kernel_size)
     assert_scores_close(got, want, ref.valid, atol=2e-2)  # z-scores: absolute tolerance
     assert_same_kept(got, want, ref.valid, margin=2e-2)
 
@@ -805,9 +805,10 @@ def test_pooled_leverage_press(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compactor_low_precision_keeps_the_reference_set(dtype):
     ctx, ref = build_ctx("llama", dtype=dtype)
-    got = kvpress_like.CompactorPress(chunk_size=16).score(ctx)
+    p = kvpress_like.CompactorPress(chunk_size=16)
+    got = p.score(ctx)
     assert got.dtype == torch.float32
-    want = ref_compactor(ctx, ref, 0.3, 48, 16, 5, 0)
+    want = ref_compactor(ctx, ref, p.blending, 48, 16, 5, 0, leverage_kernel=p.leverage_kernel_size)
     assert_same_kept(got, want, ref.valid, margin=0.25 if dtype == torch.bfloat16 else 0.05)
 
 
