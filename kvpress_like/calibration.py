@@ -334,7 +334,7 @@ class _ScoreRecorder(CalibratedPress):
         for name, scorer in self.scorers.items():
             scores, protected = scorer.layer_scores(ctx)
             self.scores.setdefault(name, {})[ctx.layer_idx] = (scores, protected, ctx.valid)
-        return self.scores[self.scorer.name][ctx.layer_idx][:2]
+        return self.scores[next(iter(self.scorers))][ctx.layer_idx][:2]  # the first recorded press's
 
     def finish_prefill(self, scope, nll, model):
         self.nll = nll
