@@ -132,3 +132,34 @@ def test_calibrated_compactor_on_the_default_model_uses_the_shipped_parameters(s
     n = context_ids.shape[1]
     assert cache.layers[0].compressed_length == n - int(p.last_ratio * n + 1e-9)
     assert ANSWER in tokenizer.decode(answer, skip_special_tokens=True)
+
+
+class _InvertedCompactor(kvpress_like.CompactorPress):
+    """Keeps the tokens Compactor would evict: a selection that must lose the needle."""
+
+    def score(self, ctx):
+        return -super().score(ctx)
+
+
+@pytest.mark.parametrize("make, answered", [
+    (lambda: kvpress_like.CompactorPress(ratio=0.5), True),  # positive control
+    (lambda: kvpress_like.CompactorPress(ratio=0.95), False),  # negative control: too little kept
+    (lambda: _InvertedCompactor(ratio=0.5), False),  # negative control: the same budget, the worst tokens
+], ids=["compactor-0.5", "compactor-0.95", "inverted-0.5"])
+def test_compactor_selection_regression(smollm, make, answered):
+    """Query-agnostic, a fixed seeded RULER sample (niah_single_2, 1,024 tokens, seed 7, index 0): Compactor at ratio
+    0.5 keeps the needle; at 0.95, or keeping its lowest-scored half, the answer is lost. A change that breaks
+    Compactor's selection fails the first case; a test that cannot fail would pass the other two."""
+    from transformers import DynamicCache
+
+    from kvpress_like.eval.tasks import generate_samples
+    from kvpress_like.pipeline import answer_on_cache, encode_prompt
+
+    model, tokenizer = smollm
+    sample = generate_samples("niah_single_2", tokenizer, 1024, 1, seed=7)[0]
+    context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    with torch.no_grad(), kvpress_like.press(model, make()):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=context_ids, **{CACHE_KWARG: cache})
+        answer = tokenizer.decode(answer_on_cache(model, cache, context_ids, suffix_ids, 16), skip_special_tokens=True)
+    assert (sample.answers[0] in answer) == answered, (sample.answers, answer)
