@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="compare_results")
+    parser.add_argument("--max-new-tokens", type=int, help="decoding budget on both sides (default: each task's)")
     parser.add_argument("--skip-ours", action="store_true", help="only run kvpress's side")
     args = parser.parse_args(argv)
     if args.setup:
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
                         sink.write(json.dumps({"index": sample.index, "task": task,
                                                "context_ids": context_ids[0].tolist(),
                                                "suffix_ids": suffix_ids[0].tolist(),
-                                               "max_new_tokens": sample.max_new_tokens}) + "\n")
+                                               "max_new_tokens": args.max_new_tokens or sample.max_new_tokens})
+                                   + "\n")
                 start = time.perf_counter()
                 subprocess.run([args.kvpress_python, str(HERE / "kvpress_worker.py"), "--input", str(inputs),
                                 "--output", str(answers), "--press", args.kvpress_press,
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             run_eval(model, tokenizer, presses=args.presses, ratios=args.ratios, tasks=args.tasks,
                      lengths=args.length, samples=args.samples, output_dir=output, seed=args.seed,
-                     model_name=model_name)
+                     model_name=model_name, max_new_tokens=args.max_new_tokens)
     records = [r for r in load_results(results).values()
                if r["seed"] == args.seed and r["task"] in args.tasks and r["length"] in args.length
                and r["index"] < args.samples and (r["press"] in (FULL, label, *args.presses))]
