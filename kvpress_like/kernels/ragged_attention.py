@@ -258,13 +258,14 @@ def region_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     cast = keys.dtype != dtype
     for i, (queries, result, start, length) in enumerate(zip(scaled.view(b * h_kv, g * q, d).unbind(0),
                                                               out.view(b * h_kv, g * q, -1).unbind(0), starts, lengths)):
-        region_keys, region_values = keys[start:start + length + tail], values[start:start + length + tail]
+        stop = start + length + tail
+        region_keys, region_values = keys[start:stop], values[start:stop]
         if cast:
             region_keys, region_values = region_keys.to(dtype), region_values.to(dtype)
-        logits = torch.matmul(queries, region_keys.T)  # [G * q, L + T]
+        logits = F.linear(queries, region_keys)  # [G * q, L + T] = queries @ keys.T (the cheapest call for it)
         if hidden is not None:
             logits[:, length:].masked_fill_(hidden[i // h_kv], float("-inf"))
-        torch.matmul(torch.softmax(logits, dim=-1), region_values, out=result)
+        torch.mm(torch.softmax(logits, dim=-1), region_values, out=result)
     out = out.view(b, h_q, q, -1)
     if not all_valid:  # padding new tokens (their rows may see nothing at all: NaN) give 0
         out = out.masked_fill(~tail_valid[:, None, tail - q:, None], 0.0)
