@@ -718,6 +718,9 @@ def test_pool_is_average_over_real_neighbours():
     x = torch.where(valid[:, None, :], x, 1e3)  # padding must neither contribute nor count
     for kernel in (1, 3, 5, 7):
         torch.testing.assert_close(snapkv.pool(x, valid, kernel).to(F64), ref_avg_pool(x, kernel, valid))
+        full = torch.ones_like(valid)  # the no-padding path
+        got = snapkv.pool(x, full, kernel).to(F64)
+        torch.testing.assert_close(got, ref_avg_pool(x, kernel, full), rtol=1e-6, atol=1e-6)
 
 
 def test_standardise_matches_loops():
