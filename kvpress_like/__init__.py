@@ -1,8 +1,9 @@
 """kvpress-like: KV-cache compression for Hugging Face transformers causal LMs.
 
-    from kvpress_like import press, SnapKVPress
+    from kvpress_like import press, SnapKVPress, encode_prompt
+    context_ids, question_ids = encode_prompt(tokenizer, context, question)   # chat-templated, split after the context
     with press(model, SnapKVPress(ratio=0.5)):
-        model.generate(...)
+        model.generate(torch.cat([context_ids, question_ids], dim=-1), ...)
 """
 
 import importlib
@@ -36,6 +37,7 @@ _PUBLIC = {
     ".context": ("press",),
     ".decoding": ("DecodingPress",),
     ".patches.base": ("Architecture",),
+    ".pipeline": ("answer_on_cache", "encode_prompt", "encode_question"),
     ".press": ("LayerContext", "Press"),
     ".registry": ("create_press", "hookimpl", "list_allocators", "list_architectures", "list_plugins", "list_presses",
                   "press_from_dict", "register_plugin", "unregister_plugin"),
@@ -145,9 +147,12 @@ __all__ = [
     "SnapKVPress",
     "StreamingLLMPress",
     "UniformAllocator",
+    "answer_on_cache",
     "cache_bytes",
     "chunked_prefill",
     "create_press",
+    "encode_prompt",
+    "encode_question",
     "hookimpl",
     "list_allocators",
     "list_architectures",

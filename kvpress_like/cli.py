@@ -54,12 +54,18 @@ class CLIError(ValueError):
 
 
 def _ratio_note(p) -> str:
-    """``ratio 0.5``, or for a calibrated press the ratio it chose and why."""
+    """``ratio 0.5``; for a calibrated press the ratio it chose and why; for a decoding press the prefill ratio of its
+    scorer and the decoding budget."""
+    from .press import applied_ratio
+
     chosen = getattr(p, "last_ratio", None)
-    if chosen is None:
-        return f"ratio {p.ratio:g}"
-    return (f"ratio {chosen:.3f} chosen for quality {p.quality:g}: context NLL {p.last_context_nll:.3f}, "
-            f"retention {p.last_retention:.3f}")
+    if chosen is not None:
+        return (f"ratio {chosen:.3f} chosen for quality {p.quality:g}: context NLL {p.last_context_nll:.3f}, "
+                f"retention {p.last_retention:.3f}")
+    note = f"ratio {applied_ratio(p):g}"
+    if hasattr(p, "target") and hasattr(p, "interval"):  # DecodingPress
+        note += f" at prefill, then {p.target}-{p.target + p.interval - 1} entries per head while decoding"
+    return note
 
 
 def _ratio_arg(text: str):
@@ -294,7 +300,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
 
     answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
     return RunResult(
-        press=describe(p),
+        press=describe(p) + ("" if chunk_size is None else f", chunked prefill ({chunk_size} tokens a chunk)"),
         context_tokens=n_context,
         question_tokens=suffix_ids.shape[1],
         answer=answer,
@@ -395,6 +401,37 @@ def _check_run_args(args) -> str | None:
     return _read_context_file(args.context_file) if args.context_file is not None else None
 
 
+DEFAULT_LENGTH = 1024  # --length of the built-in sample
+
+
+def fit_to_length(tokenizer, make_context, question: str, length: int) -> str:
+    """The context ``make_context(n)`` whose prefilled part, the chat template's header plus the context (what ``run``
+    compresses, :func:`kvpress_like.pipeline.encode_prompt`'s ``context_ids``), is ``length`` tokens long.
+
+    ``n`` starts at ``length`` and is corrected by the difference a few times (the header's length, and tokens merging
+    at the seams); the longest context not over ``length`` is returned (shorter when the text itself is).
+
+    Raises:
+        CLIError: even the shortest attempt does not fit in ``length`` tokens (the header alone is too long).
+    """
+    from .pipeline import encode_prompt
+
+    n, best, got = length, None, None
+    for _ in range(4):
+        if n < 1:
+            break
+        context = make_context(n)
+        got = encode_prompt(tokenizer, context, question)[0].shape[1]
+        if got <= length and (best is None or got > best[1]):
+            best = (context, got)
+        if got == length:
+            break
+        n += length - got
+    if best is None:
+        raise CLIError(f"--length {length} is too short: the chat template's header and a context take {got} tokens")
+    return best[0]
+
+
 def cmd_run(args) -> int:
     file_text = _check_run_args(args)  # before importing torch and loading the model
     press_args = parse_press_args(args.press_arg)
@@ -405,6 +442,7 @@ def cmd_run(args) -> int:
     from .chunked import check_press
     from .decoding import DecodingPress
     from .eval import sample as eval_sample
+    from .press import applied_ratio
     from .registry import architecture_for, create_press
 
     if args.ratio == "auto":
@@ -438,19 +476,25 @@ def cmd_run(args) -> int:
 
     expected = None
     if args.context_file is not None:
+        question = args.question or DEFAULT_FILE_QUESTION
         context = file_text
         if args.length is not None:
-            context = eval_sample.truncate_to_tokens(tokenizer, context, args.length)
-        question = args.question or DEFAULT_FILE_QUESTION
+            context = fit_to_length(tokenizer, lambda n: eval_sample.truncate_to_tokens(tokenizer, file_text, n),
+                                    question, args.length)
         source = f"file {args.context_file}"
     else:
-        length = args.length if args.length is not None else 1024
-        try:
-            sample = eval_sample.build_sample(tokenizer, length=length, depth=args.depth)
-        except ValueError as error:
-            raise CLIError(str(error)) from error
-        context = sample.context
-        question = args.question or sample.question
+        question = args.question or eval_sample.QUESTION
+        samples = {}
+
+        def make_sample(n: int) -> str:
+            try:
+                samples[n] = eval_sample.build_sample(tokenizer, length=n, depth=args.depth)
+            except ValueError as error:
+                raise CLIError(f"--length {args.length or DEFAULT_LENGTH}: {error}") from error
+            return samples[n].context
+
+        context = fit_to_length(tokenizer, make_sample, question, args.length or DEFAULT_LENGTH)
+        sample = next(s for s in samples.values() if s.context == context)
         expected = sample.answer if args.question is None else None
         source = f"built-in sample (Paul Graham essays, needle at depth {args.depth:g})"
 
@@ -459,7 +503,7 @@ def cmd_run(args) -> int:
                          progress=not args.no_progress, chunk_size=args.chunk_size)
     except ValueError as error:  # e.g. a press chunked prefill or calibration does not support
         raise CLIError(str(error)) from error
-    result.ratio = p.ratio if getattr(p, "last_ratio", None) is None else p.last_ratio
+    result.ratio = applied_ratio(p)
     result.load_seconds = load_seconds
     if expected is not None:
         result.expected = expected
@@ -592,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "--press-arg allocator=uniform)")
     run.add_argument("--context-file", metavar="FILE", help="UTF-8 text file to use as the context")
     run.add_argument("--length", type=int, default=None,
-                     help="context length in tokens: of the built-in sample (default 1024), or the file is cut to it")
+                     help="tokens prefilled and compressed: the chat template's header before the context plus the "
+                     "context (the built-in sample is built, or --context-file cut, to fit; default 1024 for the "
+                     "sample, the whole file otherwise); the question is not counted")
     run.add_argument("--depth", type=float, default=0.5, help="needle depth of the built-in sample in [0, 1]")
     run.add_argument("--question", help="question asked after the context (default: the sample's question)")
     run.add_argument("--max-new-tokens", type=int, default=32, help="decoding budget (default: 32)")

@@ -21,7 +21,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .cache import CACHE_KWARG, CompressedLayer, RaggedLayer, cache_bytes
 from .context import press as press_context
-from .press import Press
+from .press import Press, applied_ratio
 
 TASK = "kv-press-text-generation"
 
@@ -54,6 +54,13 @@ def encode_prompt(tokenizer, context: str, question: str, answer_prefix: str = "
     if not context_ids or not suffix_ids:
         raise ValueError("the context and the question must both be non-empty after tokenization")
     return torch.tensor([context_ids]), torch.tensor([suffix_ids])
+
+
+def encode_question(tokenizer, question: str, answer_prefix: str = "") -> torch.Tensor:
+    """``[1, q]``: the ids that follow a context, :func:`encode_prompt`'s ``suffix_ids``, without the context at hand
+    (e.g. for a cache loaded with :func:`~kvpress_like.saved_cache.load_cache`). They do not depend on the context:
+    the suffix is tokenized on its own."""
+    return encode_prompt(tokenizer, "context", question, answer_prefix)[1]
 
 
 def kept_fraction(cache) -> float:
@@ -95,14 +102,6 @@ def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.T
     if not on_copy:
         cache.crop(context_length - cache.get_seq_length())
     return output[0, prompt.shape[1]:]
-
-
-def _applied_ratio(p: Press | None) -> float:
-    """The ratio the last prefill used: a calibrated press's choice, else the press's ratio (0 without a press)."""
-    if p is None:
-        return 0.0
-    chosen = getattr(p, "last_ratio", None)
-    return p.ratio if chosen is None else chosen
 
 
 class KVPressTextGenerationPipeline(Pipeline):
@@ -171,7 +170,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
                     cache = self._prefill(prefill)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
-                                      "context_tokens": prefill.shape[1], "ratio": _applied_ratio(applied)}
+                                      "context_tokens": prefill.shape[1], "ratio": applied_ratio(applied)}
                 answers.append(answer_on_cache(self.model, cache, prefill, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
 

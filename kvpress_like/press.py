@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import InitVar, asdict, dataclass, field, fields
+from dataclasses import MISSING, InitVar, dataclass, field, fields
 from functools import cached_property
 from numbers import Integral, Real
 from typing import ClassVar
@@ -343,7 +343,56 @@ def store_dense(keys, values, indices, slot_valid, logical_length: int | None = 
     return layer
 
 
-def describe(p: Press) -> str:
-    """One-line description used by the CLI: ``name(ratio=..., ...)``."""
-    params = ", ".join(f"{k}={v!r}" for k, v in asdict(p).items())
-    return f"{p.name or type(p).__name__}({params})"
+_BASE_FIELDS = ("ratio", "allocator", "n_sink", "window")
+
+
+def applied_ratio(p: Press | None) -> float:
+    """The ratio a prefill under ``p`` removes: a calibrated press's last choice (its scorer's ratio before any
+    prefill), a wrapper's scorer's ratio when the wrapper compresses the prefill with it (``DecodingPress``), else
+    ``p.ratio``; 0 without a press."""
+    if p is None:
+        return 0.0
+    chosen = getattr(p, "last_ratio", None)
+    if chosen is not None:
+        return chosen
+    inner = getattr(p, "scorer", None)
+    if isinstance(inner, Press) and p.ratio == 0:
+        return applied_ratio(inner) if p.compresses_prefill() else 0.0
+    return p.ratio
+
+
+def describe(p: Press, _inner: bool = False) -> str:
+    """Short one-line description used by the CLI: the press's name, its ratio and the parameters that differ from
+    its defaults, with a wrapped scorer described the same way in place of ``scorer=``.
+
+    ``compactor(ratio=0.5)``, ``snapkv(ratio=0.5, window=32)``,
+    ``decoding(knorm(ratio=0.5), target=512, interval=16, compress_prefill=True)``,
+    ``calibrated(compactor, quality=0.95)`` (after a prefill: ``calibrated(compactor, quality=0.95, chosen
+    ratio=0.412)``).
+    """
+    wrapper = isinstance(getattr(p, "scorer", None), Press)
+    calibrated = hasattr(p, "last_ratio")  # a calibrated press ignores its scorer's ratio
+    parts = []
+    for f in fields(p):
+        if not f.init:
+            continue
+        value = getattr(p, f.name)
+        if isinstance(value, Press):
+            parts.append(describe(value, _inner=calibrated))
+            continue
+        if wrapper and f.name in _BASE_FIELDS:
+            continue  # a wrapper's own ratio (0), allocator and protected tokens are its scorer's, described there
+        if f.name == "ratio":
+            if not (_inner and value == 0):  # a calibrated press ignores its scorer's ratio
+                parts.append(f"ratio={value:g}")
+            continue
+        if isinstance(value, Allocator):
+            value = value.name
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        if value != default or (calibrated and f.name == "quality"):
+            parts.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
+    if calibrated and p.last_ratio is not None:
+        parts.append(f"chosen ratio={p.last_ratio:.3f}")
+    name = p.name or type(p).__name__
+    return f"{name}({', '.join(parts)})" if parts else name

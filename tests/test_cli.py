@@ -167,8 +167,8 @@ def test_run_cuts_context_file_to_length(model_dir, context_file, capsys):
                      "--max-new-tokens", "1", "--no-progress", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    # 40 context tokens plus the chat template's "<|im_start|> user" before them.
-    assert result["context_tokens"] == 42
+    # --length counts what is prefilled: the chat template's "<|im_start|> user" and 38 tokens of the file.
+    assert result["context_tokens"] == 40
 
 
 def test_run_builtin_sample(model_dir, capsys):
@@ -180,6 +180,52 @@ def test_run_builtin_sample(model_dir, capsys):
     assert result["expected"] == eval_sample.ANSWER
     assert result["found"] in (True, False)
     assert result["bytes_after"] < result["bytes_before"]
+    assert result["context_tokens"] == 200  # --length counts the prefilled tokens: template header + sample
+
+
+def test_describe_is_short_and_names_the_scorer_and_applied_ratio():
+    from kvpress_like.decoding import DecodingPress
+    from kvpress_like.press import applied_ratio, describe
+
+    assert describe(kvpress_like.CompactorPress(ratio=0.5)) == "compactor(ratio=0.5)"
+    assert describe(kvpress_like.SnapKVPress(ratio=0.5, window=32)) == "snapkv(ratio=0.5, window=32)"
+    decoding = DecodingPress(scorer=kvpress_like.KnormPress(ratio=0.5), target=512, interval=16,
+                             compress_prefill=True)
+    assert describe(decoding) == "decoding(knorm(ratio=0.5), target=512, interval=16, compress_prefill=True)"
+    assert applied_ratio(decoding) == 0.5
+    assert applied_ratio(DecodingPress(scorer=kvpress_like.KnormPress(ratio=0.5))) == 0.0  # prefill not compressed
+    calibrated = kvpress_like.CompactorPress(ratio="auto", quality=0.9)
+    assert describe(calibrated) == "calibrated(compactor, quality=0.9)"
+    calibrated.last_ratio = 0.25
+    assert describe(calibrated) == "calibrated(compactor, quality=0.9, chosen ratio=0.250)"
+    assert applied_ratio(calibrated) == 0.25
+
+
+def test_run_reports_a_decoding_press_briefly_with_its_prefill_ratio(model_dir, context_file, capsys):
+    base = ["run", "--model", str(model_dir), "--context-file", str(context_file), "--press", "knorm", "--ratio",
+            "0.5", "--decode-budget", "8", "--decode-interval", "4", "--max-new-tokens", "2", "--no-progress"]
+    assert cli.main([*base, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ratio"] == 0.5
+    assert result["press"] == "decoding(knorm(ratio=0.5), target=8, interval=4, compress_prefill=True)"
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "(ratio 0.5 at prefill, then 8-11 entries per head while decoding)" in out
+
+
+def test_run_chunked_names_the_chunks(model_dir, context_file, capsys):
+    assert cli.main(["run", "--model", str(model_dir), "--context-file", str(context_file), "--chunk-size", "16",
+                     "--max-new-tokens", "1", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["press"] == "compactor(ratio=0.5), chunked prefill (16 tokens a chunk)"
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kvpress_like", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "usage: kvpress-like" in done.stdout
 
 
 @pytest.mark.parametrize(
