@@ -331,8 +331,12 @@ class _ScoreRecorder(CalibratedPress):
         return QualityModel(0.0, 0.0)  # unused: nothing is compressed while recording
 
     def layer_scores(self, ctx):
+        computed = {}  # presses that differ only in their allocator share one scoring
         for name, scorer in self.scorers.items():
-            scores, protected = scorer.layer_scores(ctx)
+            key = repr({k: v for k, v in scorer.to_dict().items() if k != "allocator"})
+            if key not in computed:
+                computed[key] = scorer.layer_scores(ctx)
+            scores, protected = computed[key]
             self.scores.setdefault(name, {})[ctx.layer_idx] = (scores, protected, ctx.valid)
         return self.scores[next(iter(self.scorers))][ctx.layer_idx][:2]  # the first recorded press's
 
