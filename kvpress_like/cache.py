@@ -13,6 +13,9 @@ stores ``max`` entries per row and marks the unused slots in ``valid``. Slots ar
 from __future__ import annotations
 
 import copy
+import sys
+import threading
+import weakref
 
 import torch
 import transformers
@@ -32,6 +35,134 @@ CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) el
 
 CROP_HINT = ("Generation that feeds candidate tokens with the prompt and crops the rejected ones (assisted decoding: "
              "generate(assistant_model=...) or prompt_lookup_num_tokens=...) is not supported on a compressed cache.")
+
+
+# ------------------------------------------------------------------------------------------ who attends this forward
+# transformers builds one attention mask per forward (``create_causal_mask``): it asks the cache's first full-attention
+# layer for its sizes (``get_mask_sizes``), then calls the mask function registered for ``config._attn_implementation``.
+# That mask cannot say which stored entries of each row (and head) of each compressed layer are real, so compressed
+# layers are attended by the attention functions :mod:`kvpress_like.attention` registers once by name
+# (``kvpress_like_sdpa``, ``kvpress_like_eager``), whose mask functions note it here. A compressed layer's ``update``
+# then knows whether the forward's attention is one of those or plain ``sdpa``/``eager``, and refuses plain attention
+# when plain attention would not give the same result.
+KVPRESS_ATTENTION = {"sdpa": "kvpress_like_sdpa", "eager": "kvpress_like_eager"}  # plain name -> registered name
+_FORWARD = threading.local()  # .mask: [mode, physical, logical, q] of the last mask query; .updated
+
+
+def _asked_by_mask_creation() -> bool:
+    """Whether the running ``get_mask_sizes`` was called by transformers' mask creation (``masking_utils``), not by a
+    direct caller."""
+    frame = sys._getframe(2)
+    for _ in range(4):  # layer.get_mask_sizes <- Cache.get_mask_sizes (<- a wrapping cache) <- masking_utils
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") == "transformers.masking_utils":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def note_mask_query(layer, query_length: int) -> None:
+    """Called by a compressed layer's ``get_mask_sizes``: when transformers is building the mask of a forward of ``q``
+    new tokens over a cache whose layers have seen ``layer.logical_length`` tokens, notes plain attention unless
+    :func:`note_kvpress_mask` follows (the registered mask functions call it)."""
+    if not _asked_by_mask_creation():
+        return
+    _FORWARD.mask = ["plain", layer.physical_length, layer.logical_length, query_length]
+    _FORWARD.extended = []  # compressed layers this forward extended under plain attention (to undo on a refusal)
+
+
+def note_kvpress_mask(name: str) -> None:
+    """Called by the mask functions registered by :mod:`kvpress_like.attention`: this forward attends with ``name``."""
+    noted = getattr(_FORWARD, "mask", None)
+    if noted is not None:
+        noted[0] = name
+
+
+def forward_attention(layer, query_length: int) -> str | None:
+    """What attends the forward that is appending ``q`` tokens to ``layer``: ``"plain"`` (transformers' own
+    sdpa/eager), a registered kvpress name, or ``None`` when no mask was built for it (a direct caller: the last mask
+    query of this thread was for another number of tokens seen or new)."""
+    noted = getattr(_FORWARD, "mask", None)
+    if noted is None or noted[2] != layer.logical_length or noted[3] != query_length:
+        return None
+    return noted[0]
+
+
+def _mask_physical() -> int | None:
+    """Entries held by the layer the forward's mask was sized for."""
+    noted = getattr(_FORWARD, "mask", None)
+    return None if noted is None else noted[1]
+
+
+def note_update(layer, keys: torch.Tensor) -> None:
+    """Remember that ``layer``'s ``update`` just returned ``keys`` (the registered attention function looks it up)."""
+    _FORWARD.updated = (weakref.ref(layer), weakref.ref(keys))
+
+
+def updated_layer(keys: torch.Tensor):
+    """The compressed layer whose last ``update`` returned ``keys`` (and forget it), or ``None``."""
+    noted = getattr(_FORWARD, "updated", None)
+    if noted is None or noted[1]() is not keys:
+        return None
+    _FORWARD.updated = None
+    return noted[0]()
+
+
+PLAIN_ATTENTION_HINT = (
+    "Use the cache inside `with press(model, p):` (any press), or attend it with the attention function kvpress_like "
+    "registers, which works outside a press too: model.set_attn_implementation('kvpress_like_sdpa') (or "
+    "'kvpress_like_eager' for an eager model; import kvpress_like.attention first if kvpress_like.cache was not "
+    "imported)."
+)
+
+
+def check_attention(layer, key_states: torch.Tensor) -> str | None:
+    """Before a compressed layer's ``update``: raise if this forward's attention is plain ``sdpa``/``eager`` and the
+    layer cannot be attended by it exactly (``layer.plain_attention_problem()`` says why), or if the registered
+    attention meets a layer that plain attention extended in a batch. Returns :func:`forward_attention`."""
+    mode = forward_attention(layer, key_states.shape[-2])
+    if mode == "plain":
+        problem = layer.plain_attention_problem()
+        if problem:
+            _undo_extensions(key_states.shape[-2])
+            raise ValueError(
+                f"this cache holds a compressed context ({type(layer).__name__}) that transformers' plain attention "
+                f"cannot attend correctly: {problem}. {PLAIN_ATTENTION_HINT}"
+            )
+        _FORWARD.extended.append(weakref.ref(layer))
+        if key_states.shape[0] > 1:  # padding among these new tokens is seen by plain attention's mask, never stored
+            layer.extended_by_plain_attention = True
+    elif mode is not None and getattr(layer, "extended_by_plain_attention", False):
+        raise ValueError(
+            "this compressed cache was extended, in a batch, by a forward with transformers' plain attention (outside "
+            "a press), which does not record which of the new tokens were padding; it cannot be attended exactly "
+            "inside a press any more. Keep a batched compressed cache inside `with press(model, p):`, or switch the "
+            "model to model.set_attn_implementation('kvpress_like_sdpa') before using it outside"
+        )
+    return mode
+
+
+def _undo_extensions(query_length: int) -> None:
+    """Remove the ``q`` tokens that this refused forward already appended to compressed layers before the refusing one
+    (so that the cache stays as it was; uncompressed layers of transformers, e.g. Gemma3's sliding-window layers updated
+    before the first compressed layer, are not reachable from here)."""
+    for ref in getattr(_FORWARD, "extended", []):
+        layer = ref()
+        if layer is not None and getattr(layer, "is_croppable", False):
+            try:
+                layer.crop(-query_length)
+            except NotImplementedError:  # a quantized layer cannot be cropped
+                pass
+    _FORWARD.extended = []
+
+
+def new_token_validity(mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """``[B, q]`` bool: which of the ``q`` new tokens are real, read from the diagonal of the last ``q`` columns of a
+    4D mask ``[B, 1 or H, q, kv]`` (bool, or additive float with 0 = attend): a token sees itself unless it is
+    padding."""
+    own = torch.diagonal(mask[:, 0, :, -query_length:], dim1=-2, dim2=-1)
+    return own if own.dtype == torch.bool else own == 0
 
 
 def cache_in(kwargs: dict) -> Cache | None:
@@ -81,8 +212,14 @@ class CompressedLayer(DynamicLayer):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, H_kv, q, D]`` new keys and values; returns the whole stored keys and values."""
+        """Append ``[B, H_kv, q, D]`` new keys and values; returns the whole stored keys and values.
+
+        Raises:
+            ValueError: this forward is attended by transformers' plain sdpa/eager and plain attention would not give
+                the exact result (see :meth:`plain_attention_problem`).
+        """
         q = key_states.shape[-2]
+        mode = check_attention(self, key_states)
         if not self.is_initialized:  # after reset(): grow from empty [B, H, 0, D] keys and values
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
@@ -95,7 +232,44 @@ class CompressedLayer(DynamicLayer):
         self.values = self._append("values", self.values, value_states)
         self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=-1)
         self.logical_length += q
+        if mode != "plain":
+            note_update(self, self.keys)
         return self.keys, self.values
+
+    def plain_attention_problem(self) -> str | None:
+        """Why transformers' plain sdpa/eager, with the one mask it builds for every layer of this forward, would not
+        attend this layer exactly (``None`` when it would: every stored slot is real and the layer holds as many
+        entries as the layer the mask was sized for)."""
+        if self.valid is None or self.compressed_length == 0:  # reset: a plain growing layer
+            return None
+        if self.physical_length != _mask_physical():
+            return ("its layers hold different numbers of entries (per-layer budgets: pyramid, kvcompose, dynamic, "
+                    "per_layer), and transformers sizes one mask for every layer")
+        if not bool(self.valid.all()):
+            return ("rows of the batch keep different numbers of entries (a padded batch, or padding among tokens "
+                    "appended inside a press), which transformers' padding mask cannot express")
+        return None
+
+    def record_new_tokens(self, incoming: torch.Tensor | None, query_length: int) -> None:
+        """After :meth:`update`: mark which of the ``q`` tokens just appended are padding, read from this forward's mask
+        ``incoming`` (``[B, 1, q, kv]``; ``None`` = all real)."""
+        if incoming is not None:
+            self.valid[:, -query_length:] = new_token_validity(incoming, query_length).to(self.valid.device)
+
+    def attended_mask(self, incoming: torch.Tensor | None, query_length: int, float_dtype: torch.dtype | None,
+                      groups: int = 1):
+        """After :meth:`update`: record the new tokens' padding (:meth:`record_new_tokens`) and return the mask of the
+        ``q`` new tokens over what ``update`` returned, as :meth:`attention_mask` gives before the update.
+
+        Returns:
+            ``[B, 1, q, P + q]`` mask (bool, or additive float of ``float_dtype``/``incoming``'s dtype), or ``None``.
+        """
+        q = query_length
+        self.record_new_tokens(incoming, q)
+        past = self.valid[:, :-q]
+        if incoming is None and q == 1 and bool(past.all()):
+            return None
+        return build_mask(past[:, None, :], incoming, q, float_dtype)
 
     def _append(self, name: str, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """``stored`` ``[B, H, P, D]`` followed by ``new`` ``[B, H, q, D]``, written into the reserved room after
@@ -120,7 +294,9 @@ class CompressedLayer(DynamicLayer):
         return self.logical_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` such that new tokens line up causally with their logical positions."""
+        """``(kv_length, kv_offset)`` such that new tokens line up causally with their logical positions (transformers
+        asks it while building a forward's mask: noted, see :func:`check_attention`)."""
+        note_mask_query(self, query_length)
         return self.physical_length + query_length, self.logical_length - self.physical_length
 
     def attention_mask(
@@ -281,6 +457,7 @@ class RaggedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    attends_as_stored = True  # kvpress_like_sdpa attends over the storage update returns (no padded view)
     APPEND_RESERVE = 64
     LAYOUT_FIELDS = ("flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid")
 
@@ -424,8 +601,15 @@ class RaggedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, H, q, D]`` to every head, in place; returns the padded ``[B, H, L_max + T, D]`` keys and values,
-        or the ``[C, D]`` storage when ``skip_padded_view`` was set for this update (the caller attends over the layer
-        with :func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`)."""
+        or the ``[C, D]`` storage when ``skip_padded_view`` was set for this update or the forward is attended by the
+        registered ``kvpress_like_sdpa`` (the caller attends over the layer with
+        :func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`).
+
+        Raises:
+            ValueError: this forward is attended by transformers' plain sdpa/eager (see
+                :meth:`plain_attention_problem`).
+        """
+        mode = check_attention(self, key_states)
         self._packed()
         b, h, q, d = key_states.shape
         valid, self.pending_valid = self.pending_valid, None
@@ -441,10 +625,44 @@ class RaggedLayer(CacheLayerMixin):
             self._all_valid = self._all_valid and bool(valid.all())
         self._tail = t + q
         self.logical_length += q
-        if self.skip_padded_view:
+        if self.skip_padded_view or mode == KVPRESS_ATTENTION["sdpa"]:
             self.skip_padded_view = False
+            note_update(self, self._k)
             return self._k, self._v
-        return self._padded()
+        keys, values = self._padded()
+        note_update(self, keys)
+        return keys, values
+
+    def plain_attention_problem(self) -> str | None:
+        """Why transformers' plain sdpa/eager would not attend this layer exactly (``None`` once it holds no kept
+        entry, after :meth:`reset`)."""
+        self._packed()
+        if not any(self._lens):
+            return None
+        return ("its KV heads keep different numbers of entries (per-head budgets), which transformers' mask cannot "
+                "express")
+
+    def record_new_tokens(self, incoming: torch.Tensor | None, query_length: int) -> None:
+        """After :meth:`update`: mark which of the ``q`` tokens just appended are padding, read from this forward's mask
+        ``incoming`` (``None`` = all real)."""
+        if incoming is not None:
+            self._packed()
+            valid = new_token_validity(incoming, query_length).to(self._valid.device)
+            self._valid[:, self._tail - query_length:self._tail] = valid
+            self._all_valid = self._all_valid and bool(valid.all())
+
+    def attended_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
+        """After :meth:`update`: record the new tokens' padding and return the per-query-head mask
+        ``[B, H_kv * groups, q, L_max + T]`` over the padded view ``update`` returned (as :meth:`attention_mask` gives
+        before the update)."""
+        q = query_length
+        self.record_new_tokens(incoming, q)
+        slots = torch.arange(self.padded_length, device=self._lengths.device)
+        present = slots < self._lengths[..., None]  # [B, H, L_max]
+        b, h, _ = present.shape
+        tail = self._valid[:, :self._tail - q][:, None, :].expand(b, h, -1)
+        mask = build_mask(torch.cat([present, tail], dim=-1), incoming, q, float_dtype)
+        return mask.repeat_interleave(groups, dim=1)
 
     def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
         """Per-query-head mask ``[B, H_kv * groups, q, L_max + T + q]`` (see :func:`build_mask`)."""
@@ -460,6 +678,7 @@ class RaggedLayer(CacheLayerMixin):
         return self.logical_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        note_mask_query(self, query_length)
         return self.physical_length + query_length, self.logical_length - self.physical_length
 
     def get_max_length(self) -> int:
@@ -533,13 +752,17 @@ class QuantizedCompressedLayer(CompressedLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         """Append ``[B, H, q, D]`` (quantized by the inner layer); returns all dequantized keys and values."""
         q = key_states.shape[-2]
+        mode = check_attention(self, key_states)
         new_valid = self.pending_valid
         if new_valid is None:
             new_valid = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=self.valid.device)
         self.pending_valid = None
         self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=-1)
         self.logical_length += q
-        return self.inner.update(key_states, value_states)
+        keys, values = self.inner.update(key_states, value_states)
+        if mode != "plain":
+            note_update(self, keys)
+        return keys, values
 
     def fresh_layer(self) -> BaseQuantizedLayer:
         """An empty quantized layer of the same backend, which a new prefill under a press starts from."""
@@ -572,8 +795,9 @@ class SlidingCompressedLayer(CompressedLayer):
     layers): the press compresses a prefill no longer than the window, and later tokens see only the kept entries
     within their window. Entries that left the window stay stored (masked) until the cache is dropped or reset.
 
-    The window needs the position of every stored entry, so the mask comes from :meth:`attention_mask`, which the
-    press's hooks install: attending over this layer outside ``press(model, p)`` raises an error rather than
+    The window needs the position of every stored entry, so the mask comes from the layer itself
+    (:meth:`attended_mask`, which the attention functions registered by :mod:`kvpress_like.attention` use, inside a
+    press and outside one): attending over this layer with transformers' plain sdpa/eager raises an error rather than
     attending to entries outside the window.
 
     Attributes:
@@ -591,32 +815,53 @@ class SlidingCompressedLayer(CompressedLayer):
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive int; got {sliding_window!r}")
         self.sliding_window, self.positions = sliding_window, positions
-        self._mask_given = False  # set by attention_mask() for the next update (the press's hooks call both)
+        self._mask_given = False  # set by attention_mask() for the next update of a direct caller
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append ``[B, H_kv, q, D]`` new keys and values (at positions ``logical_length ..``); returns all stored."""
-        if not self._mask_given:
+        # no model mask was built for this update: a direct caller, who must have asked attention_mask()
+        if forward_attention(self, key_states.shape[-2]) is None and not self._mask_given:
             raise RuntimeError(
-                "a compressed sliding-window cache layer can only be attended inside `with press(model, p):` (any "
-                "press): its attention mask must hide the entries outside the window, which only the press's hooks "
-                "provide. Keep using the cache inside the block"
+                "a compressed sliding-window cache layer must be attended with the mask it gives (attention_mask() "
+                f"before update, or attended_mask() after it): it hides the entries outside the window. "
+                f"{PLAIN_ATTENTION_HINT}"
             )
-        self._mask_given = False
         q = key_states.shape[-2]
         new = torch.arange(self.logical_length, self.logical_length + q, device=self.positions.device)
-        new = new.expand(*key_states.shape[:2], q)
-        self.positions = torch.cat([self.positions, new], dim=-1)
-        return super().update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # (raises under plain attention)
+        self._mask_given = False
+        self.positions = torch.cat([self.positions, new.expand(*key_states.shape[:2], q)], dim=-1)
+        return keys, values
+
+    def plain_attention_problem(self) -> str | None:
+        if self.valid is None or self.compressed_length == 0:
+            return None
+        return "its entries must be hidden once they leave the sliding window, which needs each entry's position"
 
     def attention_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
         """Mask ``[B, H_kv * groups, q, P + q]`` (bool, or additive float for eager): valid stored entries within
-        ``sliding_window`` of each new token, and the new tokens among themselves (causal, within the window)."""
-        q, w = query_length, self.sliding_window
-        device = self.valid.device
+        ``sliding_window`` of each new token, and the new tokens among themselves (causal, within the window).
+        Asked before :meth:`update` (:meth:`attended_mask` after it)."""
         self._mask_given = True
-        query_positions = self.logical_length + torch.arange(q, device=device)  # [q]
-        inside = self.positions[:, :, None, :] > (query_positions - w)[None, None, :, None]  # [B, H, q, P]
-        past = self.valid[:, None, None, :] & inside
+        return self._window_mask(self.valid, self.positions, self.logical_length, incoming, query_length, float_dtype,
+                                 groups)
+
+    def attended_mask(self, incoming, query_length: int, float_dtype, groups: int = 1):
+        """After :meth:`update`: record the new tokens' padding and return the mask :meth:`attention_mask` gives before
+        the update."""
+        q = query_length
+        self.record_new_tokens(incoming, q)
+        return self._window_mask(self.valid[:, :-q], self.positions[..., :-q], self.logical_length - q, incoming, q,
+                                 float_dtype, groups)
+
+    def _window_mask(self, valid, positions, start: int, incoming, query_length: int, float_dtype, groups: int):
+        """The mask of ``q`` new tokens at positions ``start ..`` over stored entries (``valid`` ``[B, P]``,
+        ``positions`` ``[B, H, P]``) and themselves."""
+        q, w = query_length, self.sliding_window
+        device = valid.device
+        query_positions = start + torch.arange(q, device=device)  # [q]
+        inside = positions[:, :, None, :] > (query_positions - w)[None, None, :, None]  # [B, H, q, P]
+        past = valid[:, None, None, :] & inside
         if incoming is None:
             i = torch.arange(q, device=device)
             new = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w))[None, None]
@@ -765,3 +1010,6 @@ def layer_bytes(layer) -> int:
 def cache_bytes(cache: Cache) -> int:
     """Total bytes held by every layer of a transformers ``Cache``."""
     return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+from . import attention as _attention  # noqa: E402,F401  registers kvpress_like_sdpa / kvpress_like_eager

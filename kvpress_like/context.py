@@ -2,8 +2,7 @@
 
 Two forward hooks per compressible attention module do all the work:
 
-* the pre-hook notes whether this forward is the layer's first (the prefill of a context) and, when the layer holds
-  a compressed context, replaces the attention mask with one sized for what the layer physically stores;
+* the pre-hook notes whether this forward is the layer's first (the prefill of a context);
 * the post-hook compresses the layer after its prefill attention, so the full layer is freed at once and the peak
   stays near one layer's full KV.
 
@@ -12,14 +11,12 @@ Decoding steps and any later forward on the same cache are never compressed by a
 The hooks act only in the thread that entered ``press(...)``: a forward of the same model in another thread runs as
 without a press (and does not disturb the pressed thread's state).
 
-While a press is active, the model's sdpa attention function (``ALL_ATTENTION_FUNCTIONS``) is wrapped:
-
-* during a prefill being compressed it keeps the post-RoPE queries (and forward hooks keep the outputs of the query
-  and key projections), so scorers need not recompute them;
-* on a layer holding a ragged per-head cache it attends over the cache as stored
-  (:func:`~kvpress_like.kernels.ragged_attention.ragged_layer_attention`: flash-attention's varlen kernel on CUDA,
-  views of each head's region of the storage on CPU) instead of a padded copy of the cache and a per-head mask built
-  every step.
+Attending over compressed layers is not the hooks' job: while a press is active the model's attention implementation
+is the one :mod:`kvpress_like.attention` registered once by name (``sdpa`` -> ``kvpress_like_sdpa``, ``eager`` ->
+``kvpress_like_eager``; restored on exit), which reads masks and per-row / per-head validity from the cache layer
+itself, so a compressed cache gives the same results inside the block and outside it. Under ``kvpress_like_sdpa`` the
+post-RoPE queries of a prefill being compressed are kept (and forward hooks keep the outputs of the query and key
+projections), so scorers need not recompute them.
 """
 
 from __future__ import annotations
@@ -32,9 +29,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention import PLAIN, observe_queries
 from .cache import (
+    KVPRESS_ATTENTION,
     CompressedLayer,
     RaggedLayer,
     SlidingPrefillLayer,
@@ -42,49 +40,12 @@ from .cache import (
     full_keys_values,
     like_source,
 )
-from .kernels.ragged_attention import ragged_layer_attention
 from .patches.base import projection_module
 from .press import LayerContext, Press, select_top, store
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
 _HOOKED: weakref.WeakKeyDictionary[nn.Module, _LayerHooks] = weakref.WeakKeyDictionary()  # attention module -> hooks
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_WRAPPED = "sdpa"  # the attention function wrapped while a press is active (eager is each model's own function)
-_wrapping_lock = threading.Lock()
-_wrapping: dict = {"users": 0, "previous": None}
-
-
-def _wrapped_attention(original):
-    """``original`` attention function, noting the post-RoPE queries ``[B, H_q, S, D]`` of hooked layers' prefill
-    and attending over ragged layers as stored (see the module docstring)."""
-
-    def attention(module, query, *args, **kwargs):
-        hooks = _HOOKED.get(module)
-        if hooks is not None and not hooks.in_owner_thread():
-            hooks = None  # another thread's forward: not pressed
-        if hooks is not None and hooks.ragged is not None:  # keys/values passed are placeholders: see `before`
-            out = ragged_layer_attention(query, hooks.ragged, kwargs.get("scaling"))  # [B, H_q, q, D]
-            return out.transpose(1, 2).contiguous(), None
-        if hooks is not None and hooks._captures:  # a prefill being compressed
-            hooks.projections["q_rope"] = query
-        return original(module, query, *args, **kwargs)
-
-    attention.wrapped = original
-    return attention
-
-
-def _wrap_attention(delta: int) -> None:
-    """Wrap (first active press, ``delta=1``) or restore (last one, ``delta=-1``) the sdpa attention function."""
-    with _wrapping_lock:
-        _wrapping["users"] += delta
-        if delta > 0 and _wrapping["users"] == 1:
-            _wrapping["previous"] = ALL_ATTENTION_FUNCTIONS._local_mapping.get(_WRAPPED)
-            ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapped_attention(ALL_ATTENTION_FUNCTIONS[_WRAPPED])
-        elif delta < 0 and _wrapping["users"] == 0:
-            if _wrapping["previous"] is None:
-                ALL_ATTENTION_FUNCTIONS._local_mapping.pop(_WRAPPED, None)
-            else:
-                ALL_ATTENTION_FUNCTIONS[_WRAPPED] = _wrapping["previous"]
 
 
 def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
@@ -151,7 +112,6 @@ class _LayerHooks:
         self.is_prefill = False
         self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
         self._captures: list = []
-        self.ragged: RaggedLayer | None = None  # the ragged layer this forward attends over as stored
 
     def _capture_projections(self, module: nn.Module) -> None:
         """Hook the query and key projections (one hook for a fused ``qkv_proj``) to keep their outputs."""
@@ -169,6 +129,12 @@ class _LayerHooks:
         """Whether the calling thread is the one that entered ``press(...)`` (hooks act only there)."""
         return threading.get_ident() == self.owner
 
+    def note_query(self, query: torch.Tensor) -> None:
+        """Keep the post-RoPE queries ``[B, H_q, S, D]`` the attention function receives during a compressed
+        prefill."""
+        if self._captures and self.in_owner_thread():
+            self.projections["q_rope"] = query
+
     def rope_at(self, module: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
         """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
         if self.rotary_emb is None:
@@ -183,7 +149,7 @@ class _LayerHooks:
         if not self.in_owner_thread():
             return None
         cache = cache_in(kwargs)
-        self.is_prefill, self.ragged = False, None  # (also after a forward that raised)
+        self.is_prefill = False  # (also after a forward that raised)
         if cache is None:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
@@ -201,23 +167,7 @@ class _LayerHooks:
         if self.is_prefill and self.sliding_window is not None and (self.press.compresses_prefill()
                                                                      or self.press.reads_whole_prefill):
             self._hold_sliding_prefill(cache, layer, kwargs["hidden_states"].shape[1])
-        if self.is_prefill or not isinstance(layer, (CompressedLayer, RaggedLayer)):
-            return None
-        hidden = kwargs["hidden_states"]
-        q = hidden.shape[1]
-        incoming = kwargs.get("attention_mask")
-        # None (no mask): every new token is real, which the layer knows without building or checking a mask
-        layer.pending_valid = None if incoming is None else valid_tokens(incoming, hidden.shape[0], q, hidden.device)
-        if isinstance(layer, RaggedLayer):
-            layer.skip_padded_view = module.config._attn_implementation == _WRAPPED and getattr(
-                module.config, "attn_logit_softcapping", None) is None
-            if layer.skip_padded_view:  # the wrapped attention function reads the layer as stored
-                self.ragged, kwargs["attention_mask"] = layer, None
-                return args, kwargs
-        eager = module.config._attn_implementation == "eager"
-        groups = module.config.num_attention_heads // module.config.num_key_value_heads
-        kwargs["attention_mask"] = layer.attention_mask(incoming, q, hidden.dtype if eager else None, groups)
-        return args, kwargs
+        return None
 
     def _hold_sliding_prefill(self, cache, layer, length: int) -> None:
         """Before a sliding-window layer's compressed prefill: refuse a prefill longer than the window, and give the
@@ -260,7 +210,6 @@ class _LayerHooks:
             return None
         cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
-        self.ragged = None
         for handle in self._captures:
             handle.remove()
         self._captures = []
@@ -309,7 +258,7 @@ def press(model: nn.Module, p: Press):
         raise TypeError(f"press(model, p): model must be a torch.nn.Module, got {type(model).__name__}")
     arch = architecture_for(model.config)
     impl = model.config._attn_implementation
-    if impl not in SUPPORTED_ATTENTION:
+    if PLAIN.get(impl, impl) not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attention implementation {impl!r} is not supported; load the model with attn_implementation="
             f"one of {SUPPORTED_ATTENTION}"
@@ -335,13 +284,16 @@ def press(model: nn.Module, p: Press):
                    else None)
     handles, all_hooks = [], []
     _ACTIVE[model] = (p, owner)
-    _wrap_attention(+1)
+    # the attention functions registered once by name attend over compressed layers (the same inside the block and
+    # outside it); the name is switched, never the function behind a name
+    model.config._attn_implementation = KVPRESS_ATTENTION.get(impl, impl)
     try:
         for idx, attn in zip(compressible, attentions):
             hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner,
                                 arch.sliding_window(model.config, idx))
             all_hooks.append(hooks)
             _HOOKED[attn] = hooks
+            observe_queries(attn, hooks.note_query)
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
         if p.defers_selection:
@@ -352,8 +304,9 @@ def press(model: nn.Module, p: Press):
             handle.remove()
         for attn in attentions:
             _HOOKED.pop(attn, None)
+            observe_queries(attn, None)
         _ACTIVE.pop(model, None)
-        _wrap_attention(-1)
+        model.config._attn_implementation = impl
 
 
 def active_press(model: nn.Module) -> Press | None:

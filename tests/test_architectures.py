@@ -257,8 +257,8 @@ def test_all_sliding_limits_raise_clear_errors():
     model = cached_tiny_model("mistral_sliding", "sdpa")
     ids = random_ids(30, seed=15)
     cache = prefill(model, ids, KnormPress(ratio=0.5))
-    with torch.no_grad(), pytest.raises(RuntimeError, match="only be attended inside `with press"):
-        model(random_ids(1, seed=16), **{CACHE_KWARG: cache})
+    with torch.no_grad(), pytest.raises(ValueError, match="sliding window.*press\\(model, p\\).*kvpress_like_sdpa"):
+        model(random_ids(1, seed=16), **{CACHE_KWARG: cache})  # plain sdpa outside the block
     with torch.no_grad(), press(model, KnormPress(ratio=0.5)):  # inside a block the same cache works
         model(random_ids(1, seed=16), **{CACHE_KWARG: cache})
     with pytest.raises(ValueError, match="per-head budgets .* not supported on sliding-window layers"):

@@ -266,13 +266,13 @@ def test_gemma3_ragged_decoding_same_under_sdpa_and_eager():
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_sdpa_decoding_attends_over_ragged_storage_without_the_padded_view(impl, monkeypatch):
-    """With sdpa, a decoding step on a ragged layer never builds the padded view or the per-head mask (the wrapped
-    attention function reads the flat storage); eager still uses them. The logits agree (the tests above check each
-    against masked full attention)."""
+    """With sdpa, a decoding step on a ragged layer never builds the padded view or the per-head mask (the
+    registered kvpress_like_sdpa attention reads the flat storage); eager still uses them. The logits agree (the tests
+    above check each against masked full attention)."""
     from kvpress_like.cache import RaggedLayer
 
     calls = {"view": 0, "mask": 0}
-    padded, mask = RaggedLayer._padded, RaggedLayer.attention_mask
+    padded, mask = RaggedLayer._padded, RaggedLayer.attended_mask  # (the mask asked after the update)
 
     def counted_padded(self):
         calls["view"] += 1
@@ -283,7 +283,7 @@ def test_sdpa_decoding_attends_over_ragged_storage_without_the_padded_view(impl,
         return mask(self, *args, **kwargs)
 
     monkeypatch.setattr(RaggedLayer, "_padded", counted_padded)
-    monkeypatch.setattr(RaggedLayer, "attention_mask", counted_mask)
+    monkeypatch.setattr(RaggedLayer, "attended_mask", counted_mask)
     model = cached_tiny_model("llama", impl, **INIT)
     ids = random_ids(40, seed=5)
     with torch.no_grad(), press(model, KEY_PRESSES["snapkv"]()):

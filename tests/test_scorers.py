@@ -490,26 +490,29 @@ def test_captured_projections_give_the_recomputed_queries_and_keys(case, attn):
             torch.testing.assert_close(x, y)
 
 
-def test_query_capture_wraps_sdpa_only_while_a_press_is_active():
-    """The sdpa function is wrapped while any press is active (two models at once, exits in any order, an error
-    inside the block) and is the original one afterwards."""
+def test_press_switches_the_attention_name_only_while_active():
+    """transformers' sdpa function is never wrapped or replaced: a press switches its model to the attention registered
+    once by name (``kvpress_like_sdpa``, which keeps the post-RoPE queries of a compressed prefill) and back on exit
+    (two models at once, exits in any order, an error inside the block)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    registered = ALL_ATTENTION_FUNCTIONS["kvpress_like_sdpa"]
     first, second = get_model("llama"), get_model("qwen3")
     one = kvpress_like.press(first, kvpress_like.KnormPress(0.5))
     two = kvpress_like.press(second, kvpress_like.KnormPress(0.5))
     one.__enter__()
     two.__enter__()
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"].wrapped is original
-    one.__exit__(None, None, None)  # not the last one out: still wrapped
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"].wrapped is original
+    assert first.config._attn_implementation == second.config._attn_implementation == "kvpress_like_sdpa"
+    one.__exit__(None, None, None)
+    assert (first.config._attn_implementation, second.config._attn_implementation) == ("sdpa", "kvpress_like_sdpa")
     two.__exit__(None, None, None)
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    assert first.config._attn_implementation == second.config._attn_implementation == "sdpa"
     with pytest.raises(RuntimeError, match="inside"):
         with kvpress_like.press(first, kvpress_like.KnormPress(0.5)):
             raise RuntimeError("inside")
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    assert first.config._attn_implementation == "sdpa"
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original and ALL_ATTENTION_FUNCTIONS["kvpress_like_sdpa"] is registered
 
 
 def test_helpers_detect_a_difference():
