@@ -131,7 +131,7 @@ def greedy_generate(model, p, context_ids: torch.Tensor, steps: int, cache: Dyna
     return out[0, context_ids.shape[1]:].tolist()
 
 
-# -- bounds -----------------------------------------------------------------------------------------------------------
+# -- bounds ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("context_length", [10, 40], ids=["short_context", "long_context"])
 @pytest.mark.parametrize("scorer", list(SCORERS))
 @pytest.mark.parametrize("model_spec", [LLAMA, GEMMA3], ids=["llama", "gemma3"])
@@ -269,7 +269,7 @@ def test_ragged_prefill_is_refused_by_decoding_compression():
     assert kvpress_like.context.active_press(model) is None  # the press was removed on the error
 
 
-# -- construction errors ---------------------------------------------------------------------------------------------
+# -- construction errors -----------------------------------------------------------------------------------------------
 def decoding_capable() -> set[str]:
     wrappers = ("decoding", "calibrated")
     return {name for name in list_presses() if name not in wrappers and get_press_class(name).supports_decoding}
@@ -339,7 +339,7 @@ def test_ratio_zero_equals_no_press(name):
     assert cache.get_seq_length() == 40 + 8 - 1
 
 
-# -- known bugs -------------------------------------------------------------------------------------------------------
+# -- known bugs --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scorer", ["streaming_llm", "snapkv"])
 def test_left_padded_batch_rows_decode_as_alone(scorer):
     model = cached_tiny_model(**LLAMA)
@@ -363,7 +363,7 @@ def test_target_below_protected_tokens_is_rejected():
         create_press("decoding", scorer="snapkv", target=32, interval=8)
 
 
-# -- run state lives on the cache, not on the press ---------------------------------------------------------------------
+# -- run state lives on the cache, not on the press --------------------------------------------------------------------
 @pytest.mark.parametrize("batch_b", [1, 2])
 def test_one_press_decoding_two_caches_alternately_gives_each_its_own_result(batch_b):
     """One DecodingPress decoding two caches in turn (batch sizes 1 and 1 or 2) gives each cache exactly what it gets

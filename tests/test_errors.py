@@ -380,7 +380,7 @@ def test_press_object_is_its_own_context_manager():
     assert cache.get_seq_length() == 20
 
 
-# -- explicit ratio with its alias, assignments after construction, parameter types --------------------------------------
+# -- explicit ratio with its alias, assignments after construction, parameter types ------------------------------------
 @pytest.mark.parametrize("make", [
     lambda: KnormPress(ratio=0.0, compression_ratio=0.3),
     lambda: KnormPress(0.0, compression_ratio=0.3),
@@ -440,7 +440,7 @@ def test_parameter_types_are_checked_on_assignment_too():
     assert p.seed == 4
 
 
-# -- unsupported caches and generation modes, all-padding rows ------------------------------------------------------------
+# -- unsupported caches and generation modes, all-padding rows ---------------------------------------------------------
 def test_static_cache_is_refused_with_a_clear_error():
     from transformers import StaticCache
 
@@ -485,7 +485,7 @@ def test_a_row_that_is_all_padding_keeps_nothing_and_the_others_are_unaffected(a
     torch.testing.assert_close(step[:1], expected_step, atol=1e-5, rtol=0)
 
 
-# -- a press applies to the thread that installed it --------------------------------------------------------------------
+# -- a press applies to the thread that installed it -------------------------------------------------------------------
 def _calibrated_press(model, tmp_path):
     import json
 

@@ -7,9 +7,18 @@ import torch
 from tiny_models import cached_tiny_model, full_attention_layers, random_ids, torch_threads
 from transformers import DynamicCache, QuantizedCache
 
-from kvpress_like import DecodingPress, KnormPress, PerLayerAllocator, StreamingLLMPress, create_press, list_presses, press, save_cache
-from kvpress_like.cache import CACHE_KWARG, QuantizedCompressedLayer
+from kvpress_like import (
+    DecodingPress,
+    KnormPress,
+    PerLayerAllocator,
+    StreamingLLMPress,
+    create_press,
+    list_presses,
+    press,
+    save_cache,
+)
 from kvpress_like.allocators.base import keep_count
+from kvpress_like.cache import CACHE_KWARG, QuantizedCompressedLayer
 
 LLAMA = dict(arch="llama", initializer_range=0.2)
 N = 100  # above SnapKV's and ChunkKV's 64-token observation window

@@ -450,7 +450,8 @@ def _drop_head(t: torch.Tensor) -> torch.Tensor:
 
 ALTERATIONS = {
     # name -> (case, alteration of the payload, whether the metadata's tensor specs are updated too, expected message)
-    "keys_dtype": ("dense", lambda r: r.update(keys=r["keys"].half()), False, "float16 .*metadata records torch.float32"),
+    "keys_dtype": ("dense", lambda r: r.update(keys=r["keys"].half()), False,
+                   "float16 .*metadata records torch.float32"),
     "keys_shape": ("dense", lambda r: r.update(keys=_drop_head(r["keys"])), False, "metadata records"),
     "keys_values_heads": ("dense", lambda r: r.update(keys=_drop_head(r["keys"]), values=_drop_head(r["values"])),
                           True, r"keys/values: must both be \[1, 2, P, 16\]"),

@@ -256,8 +256,8 @@ def region_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         visible = tail_valid[:, None, :] & (place <= place[tail - q:, None])  # [B, q, T]
         hidden = ~visible[:, None].expand(b, g, q, tail).reshape(b, g * q, tail)
     cast = keys.dtype != dtype
-    for i, (queries, result, start, length) in enumerate(zip(scaled.view(b * h_kv, g * q, d).unbind(0),
-                                                              out.view(b * h_kv, g * q, -1).unbind(0), starts, lengths)):
+    per_head = zip(scaled.view(b * h_kv, g * q, d).unbind(0), out.view(b * h_kv, g * q, -1).unbind(0), starts, lengths)
+    for i, (queries, result, start, length) in enumerate(per_head):
         stop = start + length + tail
         region_keys, region_values = keys[start:stop], values[start:stop]
         if cast:
