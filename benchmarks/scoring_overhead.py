@@ -29,7 +29,7 @@ import gc
 import time
 
 import torch
-from common import load_average, machine_line
+from common import load_average, machine_line, parse_press
 from transformers import DynamicCache
 
 import kvpress_like
@@ -72,19 +72,25 @@ def run_press(model, ids, p) -> tuple[float, float]:
     return seconds, p._bench_seconds
 
 
+def make(spec: str, ratio: float):
+    """The press of a spec ``name`` or ``name:key=value,...`` at ``ratio``."""
+    name, kwargs = parse_press(spec)
+    return kvpress_like.create_press(name, ratio=ratio, **kwargs)
+
+
 def prefill_presses(requested: list[str] | None, ratio: float) -> tuple[list[str], dict[str, str]]:
     """Presses to benchmark: ``requested`` (checked), else every registered press that takes a prefill ``ratio``.
 
     Returns the names and, for registered presses left out, why (e.g. a decoding-time press has no ratio of its own).
     """
     registered = kvpress_like.list_presses()
-    unknown = sorted(set(requested or []) - set(registered))
+    unknown = sorted({spec for spec in requested or [] if parse_press(spec)[0] not in registered})
     if unknown:
         raise SystemExit(f"unknown press(es) {unknown}; registered: {registered}")
     names, skipped = [], {}
     for name in requested or registered:
         try:
-            kvpress_like.create_press(name, ratio=ratio)
+            make(name, ratio)
         except (TypeError, ValueError) as error:
             if requested:
                 raise SystemExit(f"press {name!r} cannot be created with ratio={ratio}: {error}") from error
@@ -135,7 +141,7 @@ def main(argv=None) -> None:
             runs = []
             for _ in range(args.repeats):
                 plain, _ = prefill(model, ids)
-                runs.append((plain, *run_press(model, ids, kvpress_like.create_press(name, ratio=args.ratio))))
+                runs.append((plain, *run_press(model, ids, make(name, args.ratio))))
             plain, pressed, scoring = (min(column) for column in zip(*runs, strict=True))
             results[name] = (plain, pressed, scoring)
             print(f"| {name:<22} | {plain:7.2f} | {pressed:7.2f} | {scoring:9.3f} | {scoring / plain:12.1%} | "
