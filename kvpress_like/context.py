@@ -256,6 +256,9 @@ def press(model: nn.Module, p: Press):
         raise TypeError(f"press(model, p): p must be a Press, got {type(p).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"press(model, p): model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError("press(model, p): the model's weights are on the meta device (not loaded); load or "
+                         "materialise them (e.g. from_pretrained, or to_empty + load_state_dict) before press()")
     arch = architecture_for(model.config)
     impl = model.config._attn_implementation
     if PLAIN.get(impl, impl) not in SUPPORTED_ATTENTION:

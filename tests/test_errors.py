@@ -555,3 +555,17 @@ def test_a_press_acts_only_in_the_thread_that_installed_it(kind, tmp_path):
             assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
     assert all(type(layer).__name__ == "DynamicLayer" for c in results["b"] for layer in c.layers)
     assert attention_hooks(model) == [] and active_press(model) is None
+
+
+def test_meta_device_model_is_refused_with_a_clear_error():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import kvpress_like
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="meta device"):
+        with kvpress_like.press(model, kvpress_like.KnormPress(ratio=0.5)):
+            pass
