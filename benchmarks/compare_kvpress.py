@@ -40,19 +40,6 @@ def setup_venv(path: Path) -> Path:
     return python
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The JSON lines of ``path`` (none if it does not exist; a torn last line is ignored)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", metavar="DIR", help="create a kvpress virtual environment in DIR and exit")
@@ -86,6 +73,7 @@ def main(argv=None) -> int:
         format_table,
         load_results,
         paired_table,
+        read_jsonl,
         run_eval,
         summarize,
     )
@@ -108,7 +96,7 @@ def main(argv=None) -> int:
                 continue
             inputs = output / f"kvpress_samples_{task}_{length}.jsonl"
             answers = output / f"kvpress_answers_{task}_{length}.jsonl"  # appended to: survives an interruption
-            answered = {(a["index"], a["ratio"]) for a in _read_jsonl(answers)}
+            answered = {(a["index"], a["ratio"]) for a in read_jsonl(answers)}
             todo = [(s, r) for s, r in todo if (s.index, r) not in answered]
             if todo:
                 with inputs.open("w", encoding="utf-8") as sink:
@@ -129,7 +117,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
             by_index = {s.index: s for s in samples}
             with results.open("a", encoding="utf-8") as sink:
-                for answer in _read_jsonl(answers):
+                for answer in read_jsonl(answers):
                     sample = by_index.get(answer["index"])
                     key = cell_key(model_name, label, answer["ratio"], task, length, mode, answer["index"], args.seed)
                     if sample is None or answer["ratio"] not in args.ratios or key in done:

@@ -70,17 +70,22 @@ def cell_key(model: str, press: str, ratio: float, task: str, length: int, mode:
     return json.dumps([model, press, round(float(ratio), 6), task, length, mode, index, seed])
 
 
-def load_results(path: Path) -> dict[str, dict]:
-    """Records of ``path`` (JSON lines) by :func:`cell_key`; a torn last line (an interrupted write) is ignored."""
-    records = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of ``path``, one per line (none if it does not exist); a torn line (an interrupted write) is
+    ignored."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            records[record["key"]] = record
-    return records
+    return rows
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """Records of ``path`` (JSON lines) by :func:`cell_key`; a torn last line (an interrupted write) is ignored."""
+    return {record["key"]: record for record in read_jsonl(path)}
 
 
 def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
@@ -154,11 +159,6 @@ class SharedPrefill:
     def _shares(self, label: str, ratio: float) -> bool:
         scorers = self.recorder.scorers if self.recorder is not None else {}
         return label == FULL or label in scorers or _scorer_key(label, ratio) in scorers
-
-    def record(self, context_ids: torch.Tensor) -> DynamicCache:
-        """Prefill ``context_ids`` ``[1, S]`` in full, recording every shared press's scores in every layer."""
-        with torch.no_grad(), press_context(self.model, self.recorder):
-            return prefill(self.model, context_ids)
 
     def cache_for(self, full, label: str, ratio: float):
         """A copy of the recorded ``full`` cache compressed by press ``label`` at ``ratio`` (``full``: uncompressed)."""
