@@ -256,7 +256,8 @@ def press(model: nn.Module, p: Press):
         raise TypeError(f"press(model, p): p must be a Press, got {type(p).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"press(model, p): model must be a torch.nn.Module, got {type(model).__name__}")
-    if any(t.is_meta for t in model.parameters()):
+    if any(t.is_meta for t in model.parameters()) and not any(hasattr(m, "_hf_hook") for m in model.modules()):
+        # meta weights without accelerate's offload hooks (which load them on the fly): nothing to run
         raise ValueError("press(model, p): the model's weights are on the meta device (not loaded); load or "
                          "materialise them (e.g. from_pretrained, or to_empty + load_state_dict) before press()")
     arch = architecture_for(model.config)
