@@ -300,7 +300,7 @@ def press(model: nn.Module, p: Press):
             observe_queries(attn, hooks.note_query)
             handles.append(attn.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(attn.register_forward_hook(hooks.after, with_kwargs=True))
-        if p.defers_selection:
+        if p.defers_selection or p.installs_hooks:
             handles.extend(p.install(model, model_scope))
         yield model
     finally:

@@ -247,6 +247,7 @@ class Press(metaclass=_CheckedPress):
         return self.ratio > 0
 
     defers_selection: ClassVar[bool] = False  # True: select after the whole prefill forward (see ``install``)
+    installs_hooks: ClassVar[bool] = False  # True: install() adds model-level hooks (FastKV's token propagation)
     # True: after_forward selects among every entry of a cache's first forward (chunked prefill), so a sliding-window
     # layer must hold that forward whole, as when the prefill is compressed
     reads_whole_prefill: ClassVar[bool] = False
@@ -257,8 +258,9 @@ class Press(metaclass=_CheckedPress):
         return False
 
     def install(self, model: nn.Module, scope) -> list:
-        """Presses with ``defers_selection`` register their model-level hooks here and return the handles; they
-        call ``scope.finalize(cache, ratio)`` once they have chosen the ratio."""
+        """Presses with ``defers_selection`` or ``installs_hooks`` register their model-level hooks here and return the
+        handles (removed on exit); presses with ``defers_selection`` call ``scope.finalize(cache, ratio)`` once they
+        have chosen the ratio."""
         raise NotImplementedError
 
     def after_forward(self, hooks, module: nn.Module, kwargs: dict, cache, was_prefill: bool) -> None:
