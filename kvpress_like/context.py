@@ -17,6 +17,11 @@ is the one :mod:`kvpress_like.attention` registered once by name (``sdpa`` -> ``
 itself, so a compressed cache gives the same results inside the block and outside it. Under ``kvpress_like_sdpa`` the
 post-RoPE queries of a prefill being compressed are kept (and forward hooks keep the outputs of the query and key
 projections), so scorers need not recompute them.
+
+What lives for one run lives here, on the installation that ``press(model, p)`` creates, never on the press: the
+:class:`LayerHooks` of every compressible layer, the :class:`ModelScope` that holds scores across layers, and a
+per-prefill ``state`` dict that every :class:`~kvpress_like.press.LayerContext` of one prefill shares (e.g. ChunkKV's
+reused indices). One press may so be installed on several models at once, each with its own run state.
 """
 
 from __future__ import annotations
@@ -31,34 +36,27 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .attention import PLAIN, observe_queries
-from .cache import (
-    KVPRESS_ATTENTION,
-    CompressedLayer,
-    RaggedLayer,
-    SlidingPrefillLayer,
-    cache_in,
-    full_keys_values,
-    like_source,
-)
-from .patches.base import projection_module
-from .press import LayerContext, Press, select_top, store
+from .cache import SlidingPrefillLayer, cache_in, full_keys_values, like_source, valid_tokens
+from .forward_notes import KVPRESS_ATTENTION
+from .press import LayerContext, Press, declare_installer, select_top, store
+from .registry import architecture_for
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Press] = weakref.WeakKeyDictionary()  # model -> press
-_HOOKED: weakref.WeakKeyDictionary[nn.Module, _LayerHooks] = weakref.WeakKeyDictionary()  # attention module -> hooks
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, LayerHooks] = weakref.WeakKeyDictionary()  # attention module -> hooks
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
-    """``[B, q]`` bool: which of the ``q`` new tokens are real, read from the last query row of a 4D mask."""
-    if mask is None:
-        return torch.ones(batch, q, dtype=torch.bool, device=device)
-    last = mask[:, 0, -1, -q:]
-    return last if last.dtype == torch.bool else last == 0
-
-
-class _ModelScope:
+class ModelScope:
     """Scores of every compressible layer of one prefill, held until the last one is in (model-scope allocators),
-    or until the press chooses its ratio after the whole forward (presses with ``defers_selection``)."""
+    or until the press chooses its ratio after the whole forward (presses with ``defers_selection``, which get it in
+    :meth:`Press.install <kvpress_like.press.Press.install>` and call :meth:`finalize`).
+
+    Attributes:
+        press: the installed press.
+        layers: indices of the compressible layers, ascending.
+        pending: layer index -> ``(scores [B, H_kv, S] fp32, protected [B, S], valid [B, S])`` of this prefill.
+        cache: the cache of the prefill being compressed.
+    """
 
     def __init__(self, p: Press, layers: tuple[int, ...], owner: int | None = None):
         self.press, self.layers, self.owner = p, layers, owner
@@ -85,7 +83,7 @@ class _ModelScope:
         held scores and the press's allocator."""
         if sorted(self.pending) != list(self.layers):
             raise RuntimeError("model-scope compression did not see every compressible layer of this prefill")
-        allocator = self.press._allocator
+        allocator = self.press.allocator_instance
         all_scores = [self.pending[i][0] for i in self.layers]
         _, protected, valid = self.pending[self.layers[-1]]
         if allocator.scope == "model":
@@ -100,22 +98,36 @@ class _ModelScope:
             cache.layers[idx] = like_source(full, store(keys, values, indices, slot_valid))
 
 
-class _LayerHooks:
-    """Hooks of one attention module."""
+class LayerHooks:
+    """The forward hooks of one compressible attention module under one ``press(model, p)`` (what
+    :meth:`Press.after_forward <kvpress_like.press.Press.after_forward>` receives as ``hooks``).
+
+    Attributes:
+        press: the installed press.
+        arch: the model's :class:`~kvpress_like.patches.base.Architecture`.
+        layer_idx: this layer's index; ``layers``: every compressible layer's, ascending; ``num_layers``: decoder
+            layers.
+        sliding_window: this layer's window when it is a sliding-window layer, else ``None``.
+        state: the installation's per-prefill dict (cleared when a new prefill starts), shared by every layer.
+
+    :meth:`context` builds the :class:`~kvpress_like.press.LayerContext` a scorer reads.
+    """
 
     def __init__(self, p: Press, arch, layer_idx: int, num_layers: int, layers: tuple[int, ...],
-                 rotary_emb: nn.Module | None, model_scope: _ModelScope | None, owner: int,
-                 sliding_window: int | None = None):
+                 rotary_emb: nn.Module | None, model_scope: ModelScope | None, owner: int,
+                 sliding_window: int | None = None, state: dict | None = None):
         self.press, self.arch, self.layer_idx, self.num_layers = p, arch, layer_idx, num_layers
         self.sliding_window = sliding_window  # this layer's window when it is a sliding-window layer
         self.layers, self.rotary_emb, self.model_scope, self.owner = layers, rotary_emb, model_scope, owner
+        self.state = {} if state is None else state
         self.is_prefill = False
         self.projections: dict[str, torch.Tensor] = {}  # query/key projection outputs captured during a prefill
         self._captures: list = []
 
     def _capture_projections(self, module: nn.Module) -> None:
-        """Hook the query and key projections (one hook for a fused ``qkv_proj``) to keep their outputs."""
-        targets = {which: projection_module(module, which) for which in ("q", "k")}
+        """Hook the modules whose outputs hold the queries and the keys (``self.arch.projection_module``: one hook
+        for a fused projection) to keep those outputs, ``[B, S, out]`` each, for ``self.arch.from_projection``."""
+        targets = {which: self.arch.projection_module(module, which) for which in ("q", "k")}
         for target in {id(m): m for m in targets.values()}.values():
             names = [which for which, m in targets.items() if m is target]
 
@@ -148,21 +160,24 @@ class _LayerHooks:
     def before(self, module: nn.Module, args, kwargs):
         if not self.in_owner_thread():
             return None
+        kwargs = self.arch.attention_inputs(args, kwargs)  # hidden_states, cache, ... under the names read here
         cache = cache_in(kwargs)
         self.is_prefill = False  # (also after a forward that raised)
         if cache is None:
             return None
         layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
         self.is_prefill = layer is None or layer.get_seq_length() == 0
+        if self.is_prefill and self.layer_idx == self.layers[0]:
+            self.state.clear()  # a new prefill: nothing carries over from the previous one
         if self.is_prefill and self.press.compresses_prefill() and not self._captures:
             self._capture_projections(module)
-        if layer is not None and not isinstance(layer, (DynamicLayer, RaggedLayer)):
+        if layer is not None and not (isinstance(layer, DynamicLayer) or getattr(layer, "is_dynamic", False)):
             raise ValueError(
                 f"{type(cache).__name__} ({type(layer).__name__} layers) is not supported under a press: its layers "
                 "have a fixed size and cannot hold a compressed context. Use a DynamicCache (generate's default, or "
                 "DynamicCache(config=model.config)); cache_implementation='static' is not supported"
             )
-        if self.is_prefill and isinstance(layer, (CompressedLayer, RaggedLayer)):
+        if self.is_prefill and hasattr(layer, "fresh_layer"):
             cache.layers[self.layer_idx] = layer.fresh_layer()  # a reset compressed layer: start afresh
         if self.is_prefill and self.sliding_window is not None and (self.press.compresses_prefill()
                                                                      or self.press.reads_whole_prefill):
@@ -203,11 +218,13 @@ class _LayerHooks:
             valid=valid,
             rotary=lambda positions: self.rope_at(module, hidden, positions),
             projections=self.projections if hidden is kwargs["hidden_states"] else {},
+            state=self.state,
         )
 
     def after(self, module: nn.Module, args, kwargs, output):
         if not self.in_owner_thread():
             return None
+        kwargs = self.arch.attention_inputs(args, kwargs)
         cache = cache_in(kwargs)
         was_prefill, self.is_prefill = self.is_prefill, False
         for handle in self._captures:
@@ -250,8 +267,6 @@ def press(model: nn.Module, p: Press):
         ValueError: the model is unsupported, already has a press, uses an unsupported attention
             implementation, or has no compressible layer.
     """
-    from .registry import architecture_for
-
     if not isinstance(p, Press):
         raise TypeError(f"press(model, p): p must be a Press, got {type(p).__name__}")
     if not isinstance(model, nn.Module):
@@ -273,8 +288,7 @@ def press(model: nn.Module, p: Press):
         raise ValueError(
             f"{type(model).__name__} has no full-attention layer to compress (all layers use sliding-window attention)"
         )
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    rotary_emb = getattr(base, "rotary_emb", None)
+    rotary_emb = arch.rotary_embedding(model)
     attentions = [arch.attention(layers[idx]) for idx in compressible]
     installed = next((_HOOKED[a].press for a in attentions if a in _HOOKED), None)
     if installed is not None:
@@ -282,10 +296,12 @@ def press(model: nn.Module, p: Press):
             f"model already has a press installed ({type(installed).__name__}); "
             "exit its `with press(...)` block before installing another"
         )
+    p.check_supported()
     layer_ids = tuple(compressible)
     owner = threading.get_ident()
-    model_scope = (_ModelScope(p, layer_ids, owner) if p._allocator.scope == "model" or p.defers_selection
+    model_scope = (ModelScope(p, layer_ids, owner) if p.allocator_instance.scope == "model" or p.defers_selection
                    else None)
+    state: dict = {}  # this installation's per-prefill run state, shared by its layers
     handles, all_hooks = [], []
     _ACTIVE[model] = (p, owner)
     # the attention functions registered once by name attend over compressed layers (the same inside the block and
@@ -293,8 +309,8 @@ def press(model: nn.Module, p: Press):
     model.config._attn_implementation = KVPRESS_ATTENTION.get(impl, impl)
     try:
         for idx, attn in zip(compressible, attentions):
-            hooks = _LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner,
-                                arch.sliding_window(model.config, idx))
+            hooks = LayerHooks(p, arch, idx, len(layers), layer_ids, rotary_emb, model_scope, owner,
+                               arch.sliding_window(model.config, idx), state)
             all_hooks.append(hooks)
             _HOOKED[attn] = hooks
             observe_queries(attn, hooks.note_query)
@@ -317,3 +333,6 @@ def active_press(model: nn.Module) -> Press | None:
     """The press installed on ``model`` by this thread (the one that applies to its forwards), or ``None``."""
     p, owner = _ACTIVE.get(model, (None, None))
     return p if owner == threading.get_ident() else None
+
+
+declare_installer(press)  # `with p(model):` (Press.__call__) calls press(model, p)

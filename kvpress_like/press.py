@@ -11,6 +11,7 @@ uniform allocator, and never fewer than ``min(n, n_sink + window)`` (its protect
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import MISSING, InitVar, dataclass, field, fields
@@ -21,9 +22,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import registry
 from .allocators.base import Allocator
 from .cache import CompressedLayer, RaggedLayer
-from .patches.base import Architecture, from_projection, pre_rope_keys, pre_rope_queries
+from .checks import check_int, check_ratio
+from .patches.base import Architecture
 
 
 @dataclass
@@ -31,7 +34,7 @@ class LayerContext:
     """Everything a scorer may read about one layer right after its prefill attention.
 
     Attributes:
-        module: the layer's attention module (``head_dim``, ``scaling``, projections).
+        module: the layer's attention module (read through ``arch``: projections, heads, scale).
         layer_idx: the layer's index in the model.
         num_layers: number of decoder layers.
         layers: indices of the compressible layers, ascending.
@@ -46,6 +49,10 @@ class LayerContext:
         projections: what this forward computed anyway, captured so scorers need not recompute it: the outputs
             ``[B, S, out]`` of the query (``"q"``) and key (``"k"``) projections and the post-RoPE queries
             ``[B, H_q, S, D]`` (``"q_rope"``, sdpa only); each may be missing.
+        state: run state of the installation (``press(model, p)``) for the current prefill, shared by every layer
+            of it and cleared when the next prefill starts: what a press carries from one layer to the next (e.g.
+            ChunkKV's reused indices) goes here, never on the press, so that one press installed on two models at
+            once gives each its own result.
     """
 
     module: nn.Module
@@ -60,11 +67,17 @@ class LayerContext:
     valid: torch.Tensor
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     projections: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
 
     @property
     def num_kv_groups(self) -> int:
         """Query heads per KV head (``H_q / H_kv``)."""
-        return self.module.config.num_attention_heads // self.module.config.num_key_value_heads
+        return self.arch.num_heads(self.module, "q") // self.arch.num_heads(self.module, "k")
+
+    @property
+    def scaling(self) -> float:
+        """The factor the layer multiplies attention logits ``q . k`` by before the softmax."""
+        return self.arch.scaling(self.module)
 
     def queries(self, last: int | None = None) -> torch.Tensor:
         """Post-RoPE queries ``[B, H_q, n, D]`` of the last ``last`` tokens (all if ``None``)."""
@@ -72,9 +85,9 @@ class LayerContext:
         if "q_rope" in self.projections:
             return self.projections["q_rope"][:, :, start:]
         if "q" in self.projections:
-            q = from_projection(self.module, self.projections["q"][:, start:], "q")
+            q = self.arch.from_projection(self.module, self.projections["q"][:, start:], "q")
         else:
-            q = pre_rope_queries(self.module, self.hidden_states[:, start:])
+            q = self.arch.pre_rope_queries(self.module, self.hidden_states[:, start:])
         cos, sin = self.position_embeddings
         q, _ = self.arch.apply_rope(q, q[:, :1], cos[:, start:], sin[:, start:])  # one dummy head, not a copy
         return q
@@ -83,30 +96,15 @@ class LayerContext:
     def pre_rope_keys(self) -> torch.Tensor:
         """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` where the model has one)."""
         if "k" in self.projections:
-            return from_projection(self.module, self.projections["k"], "k")
-        return pre_rope_keys(self.module, self.hidden_states)
+            return self.arch.from_projection(self.module, self.projections["k"], "k")
+        return self.arch.pre_rope_keys(self.module, self.hidden_states)
 
     @cached_property
     def pre_rope_queries(self) -> torch.Tensor:
         """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` where the model has one)."""
         if "q" in self.projections:
-            return from_projection(self.module, self.projections["q"], "q")
-        return pre_rope_queries(self.module, self.hidden_states)
-
-
-def _check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, Real):
-        raise TypeError(f"ratio must be a number in [0, 1) (fraction of the context's KV pairs removed); got {ratio!r}")
-    ratio = float(ratio)
-    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1) (0 keeps everything, 0.6 keeps 40 %); got {ratio!r}")
-    return ratio
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int; got {value!r}")
-    return value
+            return self.arch.from_projection(self.module, self.projections["q"], "q")
+        return self.arch.pre_rope_queries(self.module, self.hidden_states)
 
 
 _NUMBER_TYPES = {"int": (Integral, "an int"), "float": (Real, "a number"), "bool": (bool, "True or False")}
@@ -128,14 +126,27 @@ def _check_type(name: str, annotation, value) -> None:
 _CALIBRATION_ARGS = ("quality", "params", "nll_positions", "min_retention")
 
 
+def _hash_by_parameters(p) -> int:
+    """Presses are configuration: presses with the same description (:meth:`Press.to_dict`) hash alike."""
+    return hash(json.dumps(p.to_dict(), sort_keys=True, default=repr))
+
+
 class _CheckedPress(type):
     """Once a press is built (after its own ``__post_init__`` checks, whose messages come first), every parameter
-    annotated ``int``, ``float`` or ``bool`` must hold one; from then on assignments are checked as they happen."""
+    annotated ``int``, ``float`` or ``bool`` must hold one; from then on assignments are checked as they happen.
+
+    Every press class gets a hash that follows its parameters (``@dataclass`` would otherwise remove ``__hash__``).
+    """
+
+    def __new__(mcs, name, bases, namespace, **kwargs):
+        namespace.setdefault("__hash__", _hash_by_parameters)  # an explicit __hash__: @dataclass keeps it
+        return super().__new__(mcs, name, bases, namespace, **kwargs)
 
     def __call__(cls, *args, **kwargs):
         instance = super().__call__(*args, **kwargs)
         for f in fields(instance):
             _check_type(f.name, f.type, getattr(instance, f.name))
+        instance.check_supported()
         object.__setattr__(instance, "_built", True)
         return instance
 
@@ -165,8 +176,7 @@ class Press(metaclass=_CheckedPress):
         """``ratio="auto"`` builds a :class:`~kvpress_like.calibration.CalibratedPress` around this press instead:
         ``CompactorPress(ratio="auto", quality=0.95)``."""
         if "auto" in (kwargs.get("ratio"), kwargs.get("compression_ratio"), args[0] if args else None):
-            from .calibration import CalibratedPress
-
+            CalibratedPress = registry.get_press_class("calibrated")  # registered by the built-in plugin
             if issubclass(cls, CalibratedPress):
                 raise ValueError("CalibratedPress chooses the ratio itself: do not pass ratio")
             inner = {k: v for k, v in kwargs.items() if k not in ("ratio", "compression_ratio", *_CALIBRATION_ARGS)}
@@ -185,14 +195,12 @@ class Press(metaclass=_CheckedPress):
     def __setattr__(self, name: str, value) -> None:
         """Every assignment of a parameter is checked, at construction and after it (``p.ratio = 1.5`` raises)."""
         if name == "ratio":
-            value = _check_ratio(value)
+            value = check_ratio(value)
         elif name in ("n_sink", "window"):
-            value = _check_count(name, value)
+            value = check_int(name, value)
         elif name == "allocator":
             if isinstance(value, str):
-                from .registry import get_allocator
-
-                object.__setattr__(self, "_allocator", get_allocator(value))
+                object.__setattr__(self, "_allocator", registry.get_allocator(value))
             elif isinstance(value, Allocator):
                 object.__setattr__(self, "_allocator", value)
             else:
@@ -200,6 +208,15 @@ class Press(metaclass=_CheckedPress):
         elif name in self.__dataclass_fields__ and self.__dict__.get("_built"):
             _check_type(name, self.__dataclass_fields__[name].type, value)
         object.__setattr__(self, name, value)
+
+    @property
+    def allocator_instance(self) -> Allocator:
+        """The :class:`Allocator` this press uses (``allocator`` resolved when given by name)."""
+        return self._allocator
+
+    def check_supported(self) -> None:
+        """Raise a ``ValueError`` when this combination of parameters cannot act as configured (checked when the
+        press is built and when it is installed); the base press accepts every combination."""
 
     # -- scorer -----------------------------------------------------------------------------------------
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -269,20 +286,37 @@ class Press(metaclass=_CheckedPress):
 
     # -- conveniences ----------------------------------------------------------------------------------
     def __call__(self, model: nn.Module):
-        """``with p(model): ...`` works like ``with press(model, p): ...``."""
-        from .context import press
-
-        return press(model, self)
+        """``with p(model): ...`` works like ``with press(model, p): ...`` (:func:`kvpress_like.context.press`, which
+        declares itself with :func:`declare_installer`: this module does not import the layer above it)."""
+        if _installer is None:
+            raise RuntimeError("p(model) needs kvpress_like.context (import kvpress_like.context, or use "
+                               "kvpress_like.press(model, p))")
+        return _installer(model, self)
 
     def to_dict(self) -> dict:
-        """JSON-ready description: ``{"press": name, **parameters}`` (``create_press`` reverses it)."""
+        """JSON-ready description: ``{"press": name, **parameters}`` (:func:`~kvpress_like.registry.press_from_dict`
+        reverses it). A wrapped press becomes its own dict; an allocator its name, or
+        ``{"allocator": name, **parameters}`` when it has parameters (``PyramidAllocator(beta=5)``)."""
         params = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         for key, value in params.items():
             if isinstance(value, Press):
                 params[key] = value.to_dict()
             elif isinstance(value, Allocator):
-                params[key] = value.name
+                params[key] = value.name if value.params() == value.default_params() else value.to_dict()
         return {"press": self.name, **params}
+
+
+_installer: Callable | None = None
+
+
+def declare_installer(installer: Callable) -> None:
+    """Declare the function ``p(model)`` calls: ``installer(model, p)`` returns the ``with`` context
+    (:func:`kvpress_like.context.press` declares itself when its module is imported)."""
+    global _installer
+    _installer = installer
+
+
+registry.declare_press_class(Press)
 
 
 def select_top(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

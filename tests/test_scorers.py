@@ -462,16 +462,16 @@ def test_harness_keys_match_what_the_model_caches(case):
 def test_captured_projections_give_the_recomputed_queries_and_keys(case, attn):
     """During a real prefill the hooks capture the query and key projections (one fused ``qkv_proj`` for Phi3) and,
     with sdpa, the post-RoPE queries; what scorers derive from them equals what is recomputed from the hidden states."""
-    from kvpress_like.patches.base import pre_rope_keys, pre_rope_queries
-
     model = get_model(case)
+    arch = architecture_for(model.config)
     seen = []
 
     class Recording(kvpress_like.KnormPress):
         def score(self, ctx):
             fresh = dataclasses.replace(ctx, projections={})
             seen.append((set(ctx.projections), (ctx.pre_rope_keys, ctx.pre_rope_queries, ctx.queries(), ctx.queries(5)),
-                         (pre_rope_keys(ctx.module, ctx.hidden_states), pre_rope_queries(ctx.module, ctx.hidden_states),
+                         (arch.pre_rope_keys(ctx.module, ctx.hidden_states),
+                          arch.pre_rope_queries(ctx.module, ctx.hidden_states),
                           fresh.queries(), fresh.queries(5))))
             return super().score(ctx)
 

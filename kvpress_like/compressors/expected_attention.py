@@ -79,4 +79,4 @@ class ExpectedAttentionPress(Press):
         s, d = ctx.keys.shape[2], ctx.keys.shape[3]
         rotation = averaged_rotation(ctx, s, self.n_future, d).to(ctx.keys.device)
         return expected_attention_scores(ctx.keys, ctx.values, ctx.pre_rope_queries, ctx.valid, rotation,
-                                         ctx.module.scaling, self.n_sink)
+                                         ctx.scaling, self.n_sink)

@@ -144,7 +144,7 @@ class NonCausalAttentionPress(Press):
             raise ValueError(f"attention_scale must be a positive number or None; got {self.attention_scale!r}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        scale = ctx.module.scaling if self.attention_scale is None else float(self.attention_scale)
+        scale = ctx.scaling if self.attention_scale is None else float(self.attention_scale)
         scores = non_causal_attention_scores(ctx.queries(), ctx.keys, ctx.valid, scale, self.chunk_size)
         if self.value_norm:
             scores = scores * ctx.values.float().norm(dim=-1)

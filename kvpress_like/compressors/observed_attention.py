@@ -59,4 +59,4 @@ class ObservedAttentionPress(Press):
     block_size: int = 256
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        return observed_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.module.scaling, self.block_size)
+        return observed_attention_scores(ctx.queries(), ctx.keys, ctx.valid, ctx.scaling, self.block_size)

@@ -55,7 +55,7 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     queries = ctx.queries(last=window).float()
     w = queries.shape[2]
     queries = queries.view(b, h_kv, ctx.num_kv_groups, w, d)
-    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys).mul_(ctx.module.scaling)
+    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys).mul_(ctx.scaling)
     query_pos = torch.arange(s - w, s, device=keys.device)
     allowed = torch.arange(s, device=keys.device)[None, :] <= query_pos[:, None]  # [W, S]
     allowed = allowed[None, None, None] & ctx.valid[:, None, None, None, :]

@@ -1,10 +1,17 @@
-"""What a press needs to know about one architecture family, and the shared projection helpers.
+"""Everything a press needs to know about one architecture family: an :class:`Architecture`.
 
-Every supported family in transformers 5.x computes attention the same way: q/k/v projections (separate, or one
-fused ``qkv_proj``), optional per-head ``q_norm``/``k_norm`` before RoPE, RoPE, then
-``past_key_values.update(k, v, layer_idx)``. An :class:`Architecture` records the family's RoPE function and which
-model types it covers; queries and keys are recomputed from a layer's input hidden states with the layer's own
-projections and norms, never by undoing RoPE.
+A press hooks a model through its family's :class:`Architecture` only: which decoder layers and attention modules
+there are and which are compressed, how an attention module is called, where its query and key projections are and
+how their output splits into heads (separate ``q_proj``/``k_proj``, a fused ``qkv_proj``, GPT-NeoX's per-head
+interleaved ``query_key_value``), the ``q_norm``/``k_norm`` applied before RoPE (per head, or over the whole
+projection), RoPE itself, and the attention scale. Queries and keys are recomputed from a layer's input hidden states
+with the layer's own modules, never by undoing RoPE.
+
+The defaults describe the transformers 5.x layout of Llama, Mistral, Qwen2/3 and Gemma3:
+``model.get_decoder().layers[i].self_attn`` with ``q_proj``/``k_proj``, optional per-head ``q_norm``/``k_norm``,
+``head_dim`` and ``scaling`` attributes, called with keyword arguments (``hidden_states``, ``attention_mask``,
+``position_embeddings``, ``cache``). A family laid out differently subclasses :class:`Architecture` and overrides the
+methods that differ; a plugin registers it with the ``register_architectures`` hook (see ``docs/plugins.md``).
 """
 
 from __future__ import annotations
@@ -13,8 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+WHICH = ("q", "k")
+
+
+def check_which(which: str) -> None:
+    """Raise a ``ValueError`` unless ``which`` is ``"q"`` or ``"k"``."""
+    if which not in WHICH:
+        raise ValueError(f"which must be 'q' (queries) or 'k' (keys); got {which!r}")
 
 
 @dataclass(frozen=True)
@@ -24,13 +38,15 @@ class Architecture:
     Attributes:
         name: registry name, e.g. ``"llama"``.
         model_types: the ``config.model_type`` values this family covers.
-        apply_rope: the family's ``apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)``.
+        apply_rope: the family's ``apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)``: ``q`` ``[B, H_q, S, D]``, ``k``
+            ``[B, H_kv, S, D]``, ``cos``/``sin`` ``[B or 1, S, rotary_dim]`` (``rotary_dim < D`` for partial rotary).
     """
 
     name: str
     model_types: tuple[str, ...]
     apply_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
+    # -- layer discovery --------------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of a causal LM or of its base model."""
         base = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -40,8 +56,14 @@ class Architecture:
         return layers
 
     def attention(self, decoder_layer: nn.Module) -> nn.Module:
-        """The attention module of one decoder layer."""
+        """The attention module of one decoder layer (``self_attn``)."""
         return decoder_layer.self_attn
+
+    def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
+        """The module computing the RoPE tables ``(cos, sin)`` of positions (``rotary_emb`` of the base model), or
+        ``None`` when the model has none."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        return getattr(base, "rotary_emb", None)
 
     def compressible_layers(self, config) -> list[int]:
         """Indices of the layers a press compresses: those with full attention; in a model whose every layer is
@@ -59,6 +81,94 @@ class Architecture:
             return None
         return getattr(config, "sliding_window", None)
 
+    # -- how the attention module is called ---------------------------------------------------------------------------
+    def attention_inputs(self, args: tuple, kwargs: dict) -> dict:
+        """The arguments of one call of the attention module, by the names the hooks read: ``hidden_states``
+        ``[B, S, hidden]`` (the module's input), ``attention_mask``, ``position_embeddings`` ``(cos, sin)`` and the
+        cache as ``cache`` (or ``past_key_values``).
+
+        The default accepts ``hidden_states`` as the only positional argument and every other one by keyword.
+        """
+        if not args:
+            return kwargs
+        if len(args) > 1:
+            raise TypeError(f"{self.name}: the attention module was called with {len(args)} positional arguments; "
+                            "this architecture expects hidden_states then keyword arguments only (override "
+                            "Architecture.attention_inputs for this family)")
+        return {"hidden_states": args[0], **kwargs}
+
+    # -- shapes and scale ---------------------------------------------------------------------------------------------
+    def num_heads(self, attn: nn.Module, which: str) -> int:
+        """Number of query heads (``which="q"``) or key/value heads (``"k"``) of attention module ``attn``."""
+        check_which(which)
+        config = attn.config
+        if which == "q":
+            return config.num_attention_heads
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def head_dim(self, attn: nn.Module) -> int:
+        """Size ``D`` of one query or key head."""
+        return attn.head_dim
+
+    def scaling(self, attn: nn.Module) -> float:
+        """The factor the attention logits ``q . k`` are multiplied by before the softmax."""
+        return attn.scaling
+
+    # -- projections ------------------------------------------------------------------------------------------------
+    def projection_module(self, attn: nn.Module, which: str) -> nn.Module:
+        """The module whose output holds the queries (``which="q"``) or the keys (``"k"``): ``q_proj``/``k_proj``.
+        A fused projection is the same module for both."""
+        check_which(which)
+        return getattr(attn, f"{which}_proj")
+
+    def split_projection(self, attn: nn.Module, output: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, S, H * D]``: the queries' or keys' part of ``output`` ``[B, S, out]``, the output of
+        ``projection_module(attn, which)``, heads in order (``[h0 | h1 | ...]``). Separate projections: ``output``."""
+        check_which(which)
+        return output
+
+    def to_heads(self, attn: nn.Module, flat: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, H, S, D]`` pre-RoPE queries or keys from their projection ``flat`` ``[B, S, H * D]``, after the
+        ``q_norm``/``k_norm`` the module applies to each head (Qwen3, Gemma3), if any.
+
+        Raises:
+            ValueError: the module's norm does not have one weight per head dimension (a norm over the whole
+                projection, like OLMo2's, needs an architecture that overrides this method).
+        """
+        check_which(which)
+        head_dim = self.head_dim(attn)
+        states = flat.view(*flat.shape[:-1], -1, head_dim)  # [B, S, H, D]
+        norm = getattr(attn, f"{which}_norm", None)
+        if norm is not None:
+            weight = getattr(norm, "weight", None)
+            if weight is not None and weight.numel() != head_dim:
+                raise ValueError(
+                    f"{self.name}: {type(attn).__name__}.{which}_norm has {weight.numel()} weights, not one per head "
+                    f"dimension ({head_dim}); a norm over the whole projection needs an Architecture that overrides "
+                    "to_heads (see the OLMo2 plugin)"
+                )
+            states = norm(states)
+        return states.transpose(1, 2)
+
+    def from_projection(self, attn: nn.Module, output: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, H, S, D]`` pre-RoPE queries or keys from the output ``[B, S, out]`` of
+        ``projection_module(attn, which)`` (e.g. captured by a forward hook during the model's own forward)."""
+        return self.to_heads(attn, self.split_projection(attn, output, which), which)
+
+    def pre_rope(self, attn: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, H, S, D]`` pre-RoPE queries or keys of the attention input ``hidden_states`` ``[B, S, hidden]``,
+        computed with the module's own projection (the whole fused one, so the result is bit-identical to the
+        model's) and norm."""
+        return self.from_projection(attn, self.projection_module(attn, which)(hidden_states), which)
+
+    def pre_rope_queries(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` if any) of ``hidden_states`` ``[B, S, hidden]``."""
+        return self.pre_rope(attn, hidden_states, "q")
+
+    def pre_rope_keys(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` if any) of ``hidden_states`` ``[B, S, hidden]``."""
+        return self.pre_rope(attn, hidden_states, "k")
+
 
 def layer_types(config) -> list[str]:
     """Attention type of each layer: ``config.layer_types``, else sliding if ``config.sliding_window`` is set."""
@@ -67,56 +177,3 @@ def layer_types(config) -> list[str]:
         return list(types)
     kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
     return [kind] * config.num_hidden_layers
-
-
-def projection_module(attn: nn.Module, which: str) -> nn.Module:
-    """The linear layer whose output holds the queries (``which="q"``) or the keys (``"k"``): ``q_proj``/``k_proj``,
-    or the fused ``qkv_proj`` (Phi3)."""
-    return attn.qkv_proj if hasattr(attn, "qkv_proj") else getattr(attn, f"{which}_proj")
-
-
-def _fused_rows(attn: nn.Module, which: str) -> slice:
-    """Rows of the queries or keys in a fused ``qkv_proj`` (rows are ``[q | k | v]``)."""
-    n_q = attn.config.num_attention_heads * attn.head_dim
-    n_k = attn.config.num_key_value_heads * attn.head_dim
-    return slice(0, n_q) if which == "q" else slice(n_q, n_q + n_k)
-
-
-def from_projection(attn: nn.Module, projected: torch.Tensor, which: str) -> torch.Tensor:
-    """Pre-RoPE queries or keys ``[B, H, S, D]`` from the output ``[B, S, out]`` of
-    ``projection_module(attn, which)``."""
-    if hasattr(attn, "qkv_proj"):
-        projected = projected[..., _fused_rows(attn, which)]
-    return _project(attn, projected, which, projected=True)
-
-
-def _project(attn: nn.Module, hidden_states: torch.Tensor, which: str, projected: bool = False) -> torch.Tensor:
-    """Pre-RoPE queries (``which="q"``) or keys (``"k"``) of ``hidden_states`` ``[B, S, hidden]``.
-
-    Returns ``[B, H, S, D]`` (H query heads or KV heads), after ``q_norm``/``k_norm`` when the layer has them.
-    With ``projected=True``, ``hidden_states`` is already the projection's output (only the ``which`` rows).
-    """
-    head_dim = attn.head_dim
-    if projected:
-        flat = hidden_states
-    elif hasattr(attn, "qkv_proj"):  # fused (Phi3)
-        rows = _fused_rows(attn, which)
-        bias = attn.qkv_proj.bias[rows] if attn.qkv_proj.bias is not None else None
-        flat = F.linear(hidden_states, attn.qkv_proj.weight[rows], bias)
-    else:
-        flat = getattr(attn, f"{which}_proj")(hidden_states)
-    states = flat.view(*hidden_states.shape[:-1], -1, head_dim)
-    norm = getattr(attn, f"{which}_norm", None)
-    if norm is not None:
-        states = norm(states)
-    return states.transpose(1, 2)
-
-
-def pre_rope_queries(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``[B, H_q, S, D]`` queries before RoPE (after ``q_norm`` if any)."""
-    return _project(attn, hidden_states, "q")
-
-
-def pre_rope_keys(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``[B, H_kv, S, D]`` keys before RoPE (after ``k_norm`` if any)."""
-    return _project(attn, hidden_states, "k")

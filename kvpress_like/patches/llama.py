@@ -1,4 +1,4 @@
-"""Llama (`model_type="llama"`): separate or fused q/k/v projections, RoPE from `modeling_llama`."""
+"""Llama (`model_type="llama"`): separate `q_proj`/`k_proj`/`v_proj`, RoPE from `modeling_llama`."""
 
 from transformers.models.llama import modeling_llama
 

@@ -1,4 +1,4 @@
-"""Mistral (`model_type="mistral"`): separate or fused q/k/v projections, RoPE from `modeling_mistral`."""
+"""Mistral (`model_type="mistral"`): separate `q_proj`/`k_proj`/`v_proj`, RoPE from `modeling_mistral`."""
 
 from transformers.models.mistral import modeling_mistral
 

@@ -1,4 +1,4 @@
-"""Qwen2 (`model_type="qwen2"`): separate or fused q/k/v projections, RoPE from `modeling_qwen2`."""
+"""Qwen2 (`model_type="qwen2"`): separate `q_proj`/`k_proj`/`v_proj`, RoPE from `modeling_qwen2`."""
 
 from transformers.models.qwen2 import modeling_qwen2
 

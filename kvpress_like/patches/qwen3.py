@@ -1,4 +1,5 @@
-"""Qwen3 (`model_type="qwen3"`): separate or fused q/k/v projections, RoPE from `modeling_qwen3`."""
+"""Qwen3 (`model_type="qwen3"`): separate `q_proj`/`k_proj`/`v_proj`, a per-head `q_norm`/`k_norm` before RoPE,
+RoPE from `modeling_qwen3`."""
 
 from transformers.models.qwen3 import modeling_qwen3
 
