@@ -20,6 +20,7 @@ from ..compressors.leverage import LeverageScorePress
 from ..compressors.non_causal_attention import NonCausalAttentionPress
 from ..compressors.observed_attention import ObservedAttentionPress
 from ..compressors.random import RandomPress
+from ..compressors.razor_attention import RazorAttentionPress
 from ..compressors.snapkv import SnapKVPress
 from ..compressors.streaming_llm import StreamingLLMPress
 from ..compressors.tova import TOVAPress
@@ -30,7 +31,7 @@ from ..registry import hookimpl
 PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
-    DecodingPress, CalibratedPress, LagKVPress,
+    DecodingPress, CalibratedPress, LagKVPress, RazorAttentionPress,
 )
 ALLOCATORS = (
     UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,
