@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 WHICH = ("q", "k")
 
@@ -88,14 +89,23 @@ class Architecture:
         cache as ``cache`` (or ``past_key_values``).
 
         The default accepts ``hidden_states`` as the only positional argument and every other one by keyword.
+
+        Raises:
+            TypeError: more positional arguments, or a cache passed under another name (the layer would silently
+                not be compressed): the family needs an Architecture that overrides this method.
         """
-        if not args:
-            return kwargs
         if len(args) > 1:
             raise TypeError(f"{self.name}: the attention module was called with {len(args)} positional arguments; "
                             "this architecture expects hidden_states then keyword arguments only (override "
                             "Architecture.attention_inputs for this family)")
-        return {"hidden_states": args[0], **kwargs}
+        inputs = {"hidden_states": args[0], **kwargs} if args else kwargs
+        if "cache" not in inputs and "past_key_values" not in inputs:
+            stray = [name for name, value in inputs.items() if isinstance(value, Cache)]
+            if stray:
+                raise TypeError(f"{self.name}: the attention module receives its cache as {stray[0]!r}, not as "
+                                "`cache`; override Architecture.attention_inputs to return it as `cache` (see the "
+                                "GPT-NeoX plugin)")
+        return inputs
 
     # -- shapes and scale ---------------------------------------------------------------------------------------------
     def num_heads(self, attn: nn.Module, which: str) -> int:
