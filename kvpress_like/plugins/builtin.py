@@ -15,6 +15,7 @@ from ..compressors.compactor import CompactorPress
 from ..compressors.cur import CURPress
 from ..compressors.expected_attention import ExpectedAttentionPress
 from ..compressors.knorm import KnormPress
+from ..compressors.kvzip import KVzipPress
 from ..compressors.lagkv import LagKVPress
 from ..compressors.leverage import LeverageScorePress
 from ..compressors.non_causal_attention import NonCausalAttentionPress
@@ -31,7 +32,7 @@ from ..registry import hookimpl
 PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
-    DecodingPress, CalibratedPress, LagKVPress, RazorAttentionPress,
+    DecodingPress, CalibratedPress, LagKVPress, RazorAttentionPress, KVzipPress,
 )
 ALLOCATORS = (
     UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,
