@@ -107,8 +107,9 @@ def copy_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, of
 
     Returns:
         ``(echo, induction)``, each ``[H_kv]`` fp32: for every query ``t >= offset + period`` the causal softmax weight
-        on positions ``t - m * period`` (echo) and ``t - m * period + 1`` (induction), ``m >= 1``, summed, averaged
-        over those queries, then the maximum over the query heads of each KV head.
+        on the earlier copies ``t - m * period >= offset`` (``m >= 1``) of its token (echo) and on the tokens right
+        after them (induction), summed, averaged over those queries, then the maximum over the query heads of each KV
+        head.
     """
     h_q, t, d = queries.shape
     h_kv = keys.shape[0]
@@ -125,9 +126,9 @@ def copy_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, of
         lag = query_pos[:, None] - key_pos[None, :]  # [q, T]
         logits = logits.masked_fill(lag < 0, float("-inf"))
         weights = logits.softmax(dim=-1).view(h_q, len(query_pos), t)
-        real = key_pos[None, :] >= offset
-        is_echo = (lag >= period) & (lag % period == 0) & real
-        is_induction = (lag + 1 >= period) & ((lag + 1) % period == 0) & real & (lag >= 0)
+        is_echo = (lag >= period) & (lag % period == 0) & (key_pos[None, :] >= offset)
+        # the token after an earlier copy (itself at or after the first copy, so never after the BOS token)
+        is_induction = (lag + 1 >= period) & ((lag + 1) % period == 0) & (key_pos[None, :] > offset)
         echo += (weights * is_echo).sum(dim=(1, 2))
         induction += (weights * is_induction).sum(dim=(1, 2))
     n_queries = t - first
