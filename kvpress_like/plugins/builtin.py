@@ -14,6 +14,7 @@ from ..compressors.chunkkv import ChunkKVPress
 from ..compressors.compactor import CompactorPress
 from ..compressors.cur import CURPress
 from ..compressors.expected_attention import ExpectedAttentionPress
+from ..compressors.fastkv import FastKVPress
 from ..compressors.knorm import KnormPress
 from ..compressors.kvzip import KVzipPress
 from ..compressors.lagkv import LagKVPress
@@ -32,7 +33,7 @@ from ..registry import hookimpl
 PRESSES = (
     RandomPress, KnormPress, StreamingLLMPress, SnapKVPress, CompactorPress, LeverageScorePress,
     NonCausalAttentionPress, CURPress, ChunkKVPress, ObservedAttentionPress, TOVAPress, ExpectedAttentionPress,
-    DecodingPress, CalibratedPress, LagKVPress, RazorAttentionPress, KVzipPress,
+    DecodingPress, CalibratedPress, LagKVPress, RazorAttentionPress, KVzipPress, FastKVPress,
 )
 ALLOCATORS = (
     UniformAllocator, PyramidAllocator, HeadAdaptiveAllocator, KVComposeAllocator, DynamicAllocator, PerLayerAllocator,
