@@ -263,3 +263,34 @@ def test_errors():
                        valid=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="press\\(model, p\\)"):
         RazorAttentionPress(ratio=0.5).compress(ctx)
+
+
+# -- every architecture --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_every_architecture(arch):
+    """Default settings (256 x 4 profiling tokens) on a left-padded batch: compressible layers become ragged layers
+    whose heads keep every real token (retrieval) or sinks + recent window + compensation token; Gemma3's sliding
+    layer is left alone; generation continues at the right length."""
+    model = tiny_model(arch)
+    lengths = (40, 29)
+    ids, mask = left_pad([random_ids(n, seed=20 + n)[0] for n in lengths])
+    p = create_press("razor_attention", ratio=0.5)
+    with torch.no_grad(), press(model, p):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 43)
+    retrieval = p.retrieval_heads(model)
+    compressible = profile_heads(model).layers
+    n_heads, n_retrieval = retrieval.numel(), int(retrieval.sum())
+    assert n_retrieval == len(set(retrieval.flatten().nonzero().flatten().tolist())) >= 1
+    for idx, layer in enumerate(out.past_key_values.layers):
+        if idx not in compressible:
+            assert not isinstance(layer, RaggedLayer)
+            continue
+        assert isinstance(layer, RaggedLayer) and layer.get_seq_length() == 42
+        row_in_profile = compressible.index(idx)
+        for b, n in enumerate(lengths):
+            w = recent_window(n, 0.5, n_retrieval, n_heads, 4, 0, True)
+            want = [n if retrieval[row_in_profile, h] or w >= n - 4 else 4 + 1 + w
+                    for h in range(layer.lengths.shape[1])]
+            assert layer.lengths[b].tolist() == want

@@ -110,7 +110,13 @@ def kept_indices(layer: CompressedLayer, full: torch.Tensor) -> list[list[list[i
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in kvpress_like.list_presses() if n not in ("decoding", "calibrated")])
+# razor_attention is a head policy: ragged per-head layers holding a compensation token that is no context key; its
+# six-architecture run is tests/test_razor_attention.py::test_every_architecture
+HEAD_POLICIES = ("razor_attention",)
+
+
+@pytest.mark.parametrize("name", [n for n in kvpress_like.list_presses()
+                                  if n not in ("decoding", "calibrated", *HEAD_POLICIES)])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_with_every_press_keeps_the_expected_entries(arch, name):
     model = model_for(arch)
