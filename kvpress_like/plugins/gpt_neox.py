@@ -36,10 +36,10 @@ class GPTNeoXArchitecture(Architecture):
         return decoder_layer.attention
 
     def attention_inputs(self, args: tuple, kwargs: dict) -> dict:
-        inputs = dict(super().attention_inputs(args, kwargs))
-        if "layer_past" in inputs:
-            inputs["cache"] = inputs.pop("layer_past")
-        return inputs
+        if "layer_past" in kwargs:
+            kwargs = {**kwargs, "cache": kwargs["layer_past"]}
+            del kwargs["layer_past"]
+        return super().attention_inputs(args, kwargs)
 
     def head_dim(self, attn: nn.Module) -> int:
         return attn.head_size
