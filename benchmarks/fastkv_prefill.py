@@ -10,8 +10,10 @@ times (the order of the arms rotates every repeat), one prefill (``logits_to_kee
 * ``fastkv_no_tsp`` (unless ``--skip-no-tsp``): the same press with ``tsp_rate=1`` (every token propagated: only the
   scoring and KV selection), which shows what the propagation itself saves.
 
-It prints each arm's median seconds and the speed-up ``median(full) / median(arm)``, with the range of the per-repeat
-ratios (each repeat's arms ran back to back). Run with ``OMP_NUM_THREADS=1`` on a shared machine.
+It prints each arm's median CPU seconds of the process (``time.process_time``: with one thread, what the prefill
+computes, little affected by other processes competing for the cores) and the speed-up ``median(full) / median(arm)``
+with the range of the per-repeat ratios (each repeat's arms ran back to back), then the same for wall-clock seconds
+(which other processes on a shared machine disturb). Run with ``OMP_NUM_THREADS=1``.
 
 Usage::
 
@@ -35,20 +37,20 @@ from kvpress_like.compressors.fastkv import FastKVPress
 from kvpress_like.eval.model import load_model
 
 
-def prefill_seconds(model, ids, p) -> float:
-    """Seconds of one prefill of ``ids`` ``[1, S]`` (under press ``p`` unless ``None``)."""
+def prefill_seconds(model, ids, p) -> tuple[float, float]:
+    """``(cpu, wall)`` seconds of one prefill of ``ids`` ``[1, S]`` (under press ``p`` unless ``None``)."""
     cache = DynamicCache(config=model.config)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if p is None:
             logits = model(input_ids=ids, logits_to_keep=1, **{CACHE_KWARG: cache}).logits
         else:
             with press(model, p):
                 logits = model(input_ids=ids, logits_to_keep=1, **{CACHE_KWARG: cache}).logits
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     if torch.isnan(logits).any():
         raise SystemExit("the last-token logits are NaN")
-    return seconds
+    return cpu, seconds
 
 
 def main() -> None:
@@ -72,19 +74,23 @@ def main() -> None:
     names = list(arms)
     for length in args.lengths:
         ids = context_ids("essays", length, model.config.vocab_size, tokenizer, args.seed)
-        times = {name: [] for name in names}
+        cpu, wall = {name: [] for name in names}, {name: [] for name in names}
         for repeat in range(args.repeats):
             order = names[repeat % len(names):] + names[:repeat % len(names)]
             for name in order:
-                times[name].append(prefill_seconds(model, ids, arms[name]))
-            print(f"  {length} tokens, repeat {repeat + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names)
+                c, w = prefill_seconds(model, ids, arms[name])
+                cpu[name].append(c)
+                wall[name].append(w)
+            print(f"  {length} tokens, repeat {repeat + 1} (order {', '.join(order)}): "
+                  + ", ".join(f"{n} cpu {cpu[n][-1]:.2f} s / wall {wall[n][-1]:.2f} s" for n in names)
                   + f" (load average {load_average():.2f})", flush=True)
-        full = statistics.median(times["full"])
-        for name in names:
-            median = statistics.median(times[name])
-            ratios = [f / t for f, t in zip(times["full"], times[name])]
-            print(f"{length:>6} tokens  {name:<14} median {median:7.2f} s  speed-up vs full {full / median:5.2f}x "
-                  f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}x, n = {len(ratios)})")
+        for clock, times in (("cpu", cpu), ("wall", wall)):
+            full = statistics.median(times["full"])
+            for name in names:
+                median = statistics.median(times[name])
+                ratios = [f / t for f, t in zip(times["full"], times[name])]
+                print(f"{length:>6} tokens  {clock:<4}  {name:<14} median {median:7.2f} s  speed-up vs full "
+                      f"{full / median:5.2f}x (per repeat {min(ratios):.2f}-{max(ratios):.2f}x, n = {len(ratios)})")
 
 
 if __name__ == "__main__":
