@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import KVPRESS_ATTENTION, note_kvpress_mask, updated_layer
+from .forward_notes import KVPRESS_ATTENTION, note_kvpress_mask, updated_layer
 from .kernels.ragged_attention import ragged_layer_attention
 
 SDPA = KVPRESS_ATTENTION["sdpa"]

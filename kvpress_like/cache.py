@@ -8,14 +8,25 @@ A compressed layer keeps two lengths apart:
 
 Rows of a batch may keep different numbers of entries (their contexts have different lengths); the layer then
 stores ``max`` entries per row and marks the unused slots in ``valid``. Slots are never attended to when invalid.
+
+Every compressed layer class carries its own capabilities, as transformers' layer classes do (``is_sliding``,
+``is_compileable``), so that callers (saving and loading, the pipeline, the CLI, decoding-time compression) work
+through this interface and never switch on the class:
+
+* flags: ``is_croppable`` (``crop`` removes appended tokens), ``is_reorderable`` (beam-search reordering and batch
+  expansion work), ``per_head`` (the KV heads of a row keep different numbers of entries), ``is_dynamic`` (it grows
+  with every new token, so a press may install on a cache holding it), ``recompress_problem`` (``None`` when
+  decoding-time compression may cut the layer again, else why not);
+* :meth:`~CompressedLayer.kept_entries`: ``(kept, total)`` KV pairs of the compressed context;
+* :meth:`~CompressedLayer.to_record` / :meth:`~CompressedLayer.from_record` / :meth:`~CompressedLayer.check_record`:
+  the layer as a dict of tensors and numbers (``record["kind"]`` is the class's ``RECORD_KIND``; the tensors are named
+  by ``RECORD_TENSORS``), as :mod:`kvpress_like.saved_cache` writes and validates it. :data:`RECORD_CLASSES` maps each
+  kind to its class; a new storage kind adds itself there.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
-import threading
-import weakref
 
 import torch
 import transformers
@@ -24,9 +35,26 @@ from transformers.cache_utils import (
     BaseQuantizedLayer,
     Cache,
     CacheLayerMixin,
+    DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
 )
+
+from .checks import check_int
+
+# who attends the current forward: a compressed layer's ``update`` asks whether it is one of the attention functions
+# kvpress_like.attention registers or transformers' plain sdpa/eager, and refuses plain attention where it would not
+# give the same result (transformers' one mask per forward cannot say which entries of each row and head are real)
+from .forward_notes import (
+    KVPRESS_ATTENTION,
+    forward_attention,
+    mask_physical_length,
+    note_extended,
+    note_mask_query,
+    note_update,
+    take_extended,
+)
+from .patches.base import layer_types
 
 # transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (the old name still works, with a
 # deprecation warning, until 5.40).
@@ -35,78 +63,6 @@ CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) el
 
 CROP_HINT = ("Generation that feeds candidate tokens with the prompt and crops the rejected ones (assisted decoding: "
              "generate(assistant_model=...) or prompt_lookup_num_tokens=...) is not supported on a compressed cache.")
-
-
-# ------------------------------------------------------------------------------------------ who attends this forward
-# transformers builds one attention mask per forward (``create_causal_mask``): it asks the cache's first full-attention
-# layer for its sizes (``get_mask_sizes``), then calls the mask function registered for ``config._attn_implementation``.
-# That mask cannot say which stored entries of each row (and head) of each compressed layer are real, so compressed
-# layers are attended by the attention functions :mod:`kvpress_like.attention` registers once by name
-# (``kvpress_like_sdpa``, ``kvpress_like_eager``), whose mask functions note it here. A compressed layer's ``update``
-# then knows whether the forward's attention is one of those or plain ``sdpa``/``eager``, and refuses plain attention
-# when plain attention would not give the same result.
-KVPRESS_ATTENTION = {"sdpa": "kvpress_like_sdpa", "eager": "kvpress_like_eager"}  # plain name -> registered name
-_FORWARD = threading.local()  # .mask: [mode, physical, logical, q] of the last mask query; .updated
-
-
-def _asked_by_mask_creation() -> bool:
-    """Whether the running ``get_mask_sizes`` was called by transformers' mask creation (``masking_utils``), not by a
-    direct caller."""
-    frame = sys._getframe(2)
-    for _ in range(4):  # layer.get_mask_sizes <- Cache.get_mask_sizes (<- a wrapping cache) <- masking_utils
-        if frame is None:
-            return False
-        if frame.f_globals.get("__name__") == "transformers.masking_utils":
-            return True
-        frame = frame.f_back
-    return False
-
-
-def note_mask_query(layer, query_length: int) -> None:
-    """Called by a compressed layer's ``get_mask_sizes``: when transformers is building the mask of a forward of ``q``
-    new tokens over a cache whose layers have seen ``layer.logical_length`` tokens, notes plain attention unless
-    :func:`note_kvpress_mask` follows (the registered mask functions call it)."""
-    if not _asked_by_mask_creation():
-        return
-    _FORWARD.mask = ["plain", layer.physical_length, layer.logical_length, query_length]
-    _FORWARD.extended = []  # compressed layers this forward extended under plain attention (to undo on a refusal)
-
-
-def note_kvpress_mask(name: str) -> None:
-    """Called by the mask functions registered by :mod:`kvpress_like.attention`: this forward attends with ``name``."""
-    noted = getattr(_FORWARD, "mask", None)
-    if noted is not None:
-        noted[0] = name
-
-
-def forward_attention(layer, query_length: int) -> str | None:
-    """What attends the forward that is appending ``q`` tokens to ``layer``: ``"plain"`` (transformers' own
-    sdpa/eager), a registered kvpress name, or ``None`` when no mask was built for it (a direct caller: the last mask
-    query of this thread was for another number of tokens seen or new)."""
-    noted = getattr(_FORWARD, "mask", None)
-    if noted is None or noted[2] != layer.logical_length or noted[3] != query_length:
-        return None
-    return noted[0]
-
-
-def _mask_physical() -> int | None:
-    """Entries held by the layer the forward's mask was sized for."""
-    noted = getattr(_FORWARD, "mask", None)
-    return None if noted is None else noted[1]
-
-
-def note_update(layer, keys: torch.Tensor) -> None:
-    """Remember that ``layer``'s ``update`` just returned ``keys`` (the registered attention function looks it up)."""
-    _FORWARD.updated = (weakref.ref(layer), weakref.ref(keys))
-
-
-def updated_layer(keys: torch.Tensor):
-    """The compressed layer whose last ``update`` returned ``keys`` (and forget it), or ``None``."""
-    noted = getattr(_FORWARD, "updated", None)
-    if noted is None or noted[1]() is not keys:
-        return None
-    _FORWARD.updated = None
-    return noted[0]()
 
 
 PLAIN_ATTENTION_HINT = (
@@ -130,7 +86,7 @@ def check_attention(layer, key_states: torch.Tensor) -> str | None:
                 f"this cache holds a compressed context ({type(layer).__name__}) that transformers' plain attention "
                 f"cannot attend correctly: {problem}. {PLAIN_ATTENTION_HINT}"
             )
-        _FORWARD.extended.append(weakref.ref(layer))
+        note_extended(layer)
         if key_states.shape[0] > 1:  # padding among these new tokens is seen by plain attention's mask, never stored
             layer.extended_by_plain_attention = True
     elif mode is not None and getattr(layer, "extended_by_plain_attention", False):
@@ -147,14 +103,12 @@ def _undo_extensions(query_length: int) -> None:
     """Remove the ``q`` tokens that this refused forward already appended to compressed layers before the refusing one
     (so that the cache stays as it was; uncompressed layers of transformers, e.g. Gemma3's sliding-window layers updated
     before the first compressed layer, are not reachable from here)."""
-    for ref in getattr(_FORWARD, "extended", []):
-        layer = ref()
-        if layer is not None and getattr(layer, "is_croppable", False):
+    for layer in take_extended():
+        if getattr(layer, "is_croppable", False):
             try:
                 layer.crop(-query_length)
             except NotImplementedError:  # a quantized layer cannot be cropped
                 pass
-    _FORWARD.extended = []
 
 
 def new_token_validity(mask: torch.Tensor, query_length: int) -> torch.Tensor:
@@ -163,6 +117,15 @@ def new_token_validity(mask: torch.Tensor, query_length: int) -> torch.Tensor:
     padding."""
     own = torch.diagonal(mask[:, 0, :, -query_length:], dim1=-2, dim2=-1)
     return own if own.dtype == torch.bool else own == 0
+
+
+def valid_tokens(mask: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
+    """``[B, q]`` bool: which of the ``q`` new tokens are real, read from the last query row of a 4D mask
+    ``[B, 1 or H, q, kv]`` (bool, or additive float with 0 = attend; ``None`` = all real)."""
+    if mask is None:
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    last = mask[:, 0, -1, -q:]
+    return last if last.dtype == torch.bool else last == 0
 
 
 def cache_in(kwargs: dict) -> Cache | None:
@@ -187,6 +150,11 @@ class CompressedLayer(DynamicLayer):
     """
 
     is_croppable = True
+    is_reorderable = True
+    per_head = False
+    recompress_problem: str | None = None
+    RECORD_KIND = "compressed"
+    RECORD_TENSORS = ("keys", "values", "valid")
     APPEND_RESERVE = 64
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, logical_length: int):
@@ -242,7 +210,7 @@ class CompressedLayer(DynamicLayer):
         entries as the layer the mask was sized for)."""
         if self.valid is None or self.compressed_length == 0:  # reset: a plain growing layer
             return None
-        if self.physical_length != _mask_physical():
+        if self.physical_length != mask_physical_length():
             return ("its layers hold different numbers of entries (per-layer budgets: pyramid, kvcompose, dynamic, "
                     "per_layer), and transformers sizes one mask for every layer")
         if not bool(self.valid.all()):
@@ -368,6 +336,47 @@ class CompressedLayer(DynamicLayer):
         mask (one byte per slot)."""
         return tensor_bytes(self._held(self.keys)) + tensor_bytes(self._held(self.values)) + tensor_bytes(self.valid)
 
+    @property
+    def num_kv_heads(self) -> int:
+        """``H_kv``: KV heads stored per row."""
+        return self.keys.shape[1]
+
+    def kept_entries(self) -> tuple[int, int]:
+        """``(kept, total)``: KV pairs of the compressed context kept by the layer and the context's KV pairs, over
+        rows and KV heads (tokens appended after compression count in neither)."""
+        heads = self.num_kv_heads
+        kept = int(self.valid[:, :self.compressed_length].sum()) * heads
+        appended = self.physical_length - self.compressed_length
+        return kept, self.valid.shape[0] * heads * (self.logical_length - appended)
+
+    def to_record(self) -> dict:
+        """The layer as ``{"kind": RECORD_KIND, tensors named by RECORD_TENSORS, lengths}`` (views, not copies)."""
+        return {"kind": self.RECORD_KIND, "keys": self.keys, "values": self.values, "valid": self.valid,
+                "logical_length": self.logical_length, "compressed_length": self.compressed_length}
+
+    @classmethod
+    def from_record(cls, record: dict) -> CompressedLayer:
+        """Inverse of :meth:`to_record` (``record`` checked by :meth:`check_record`)."""
+        layer = cls(record["keys"], record["values"], record["valid"], record["logical_length"])
+        layer.compressed_length = record["compressed_length"]
+        return layer
+
+    @classmethod
+    def check_record(cls, record: dict, batch: int, heads: int, head_dim: int, length: int) -> None:
+        """Raise ``ValueError("<field>: <what is allowed>")`` unless ``record`` fits a model with ``heads`` KV heads
+        of ``head_dim`` and a context of ``batch`` rows of ``length`` tokens (dtypes and shapes against the metadata
+        are checked by the caller)."""
+        keys, values, valid = record["keys"], record["values"], record["valid"]
+        stored = keys.shape[2] if keys.ndim == 4 else -1
+        if not (keys.shape == values.shape and keys.dtype == values.dtype and keys.ndim == 4
+                and keys.shape[:2] == (batch, heads) and keys.shape[3] == head_dim and stored <= length):
+            raise ValueError(f"keys/values: must both be [{batch}, {heads}, P, {head_dim}] with P <= {length}")
+        if valid.dtype != torch.bool or valid.shape != (batch, stored):
+            raise ValueError(f"valid: must be bool [{batch}, {stored}]")
+        compressed = record["compressed_length"]
+        if isinstance(compressed, bool) or not isinstance(compressed, int) or not 0 <= compressed <= stored:
+            raise ValueError(f"compressed_length must be in [0, {stored}]")
+
 
 def build_mask(past_valid: torch.Tensor, incoming: torch.Tensor | None, q: int, float_dtype: torch.dtype | None):
     """Attention mask of ``q`` new tokens over stored entries (``past_valid``) and themselves.
@@ -457,6 +466,13 @@ class RaggedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    is_reorderable = False
+    per_head = True
+    is_dynamic = True  # grows with every new token, as transformers' DynamicLayer (a press may install on it)
+    recompress_problem = ("decoding-time compression needs dense layers; use a uniform-count allocator for the "
+                          "prefill (not head_adaptive)")
+    RECORD_KIND = "ragged"
+    RECORD_TENSORS = ("flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid")
     attends_as_stored = True  # kvpress_like_sdpa attends over the storage update returns (no padded view)
     APPEND_RESERVE = 64
     LAYOUT_FIELDS = ("flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid")
@@ -727,6 +743,44 @@ class RaggedLayer(CacheLayerMixin):
         self._packed()
         return sum(tensor_bytes(t) for t in (self._k, self._v, self._lengths, self._valid))
 
+    def kept_entries(self) -> tuple[int, int]:
+        """``(kept, total)`` KV pairs of the compressed context over rows and KV heads (see
+        :meth:`CompressedLayer.kept_entries`)."""
+        self._packed()
+        return int(self._lengths.sum()), self._lengths.numel() * (self.logical_length - self._tail)
+
+    def to_record(self) -> dict:
+        """The layer as ``{"kind": "ragged", flat_keys, flat_values, lengths, tail_keys, tail_values, tail_valid,
+        logical_length}``."""
+        return {"kind": self.RECORD_KIND, **{name: getattr(self, name) for name in self.RECORD_TENSORS},
+                "logical_length": self.logical_length}
+
+    @classmethod
+    def from_record(cls, record: dict) -> RaggedLayer:
+        """Inverse of :meth:`to_record` (``record`` checked by :meth:`check_record`)."""
+        b, h = record["lengths"].shape
+        layer = cls(record["flat_keys"], record["flat_values"], record["lengths"], 0,
+                    (b, h, 0, record["flat_keys"].shape[-1]))
+        layer.tail_keys, layer.tail_values = record["tail_keys"], record["tail_values"]
+        layer.tail_valid, layer.logical_length = record["tail_valid"], record["logical_length"]
+        return layer
+
+    @classmethod
+    def check_record(cls, record: dict, batch: int, heads: int, head_dim: int, length: int) -> None:
+        """As :meth:`CompressedLayer.check_record`, for the ragged fields."""
+        lengths, tail = record["lengths"], record["tail_keys"]
+        if lengths.dtype != torch.long or lengths.shape != (batch, heads) or not bool((lengths >= 0).all()):
+            raise ValueError(f"lengths: must be non-negative int64 [{batch}, {heads}]")
+        n = int(lengths.sum())
+        keys, values = record["flat_keys"], record["flat_values"]
+        if not keys.shape == values.shape == (n, head_dim):
+            raise ValueError(f"flat_keys/flat_values: must both be [{n}, {head_dim}] (lengths.sum(), head_dim)")
+        if not (tail.shape == record["tail_values"].shape and tail.ndim == 4 and tail.shape[:2] == (batch, heads)
+                and tail.shape[3] == head_dim and tail.dtype == keys.dtype):
+            raise ValueError(f"tail_keys/tail_values: must both be {keys.dtype} [{batch}, {heads}, T, {head_dim}]")
+        if record["tail_valid"].dtype != torch.bool or record["tail_valid"].shape != (batch, tail.shape[2]):
+            raise ValueError(f"tail_valid: must be bool [{batch}, {tail.shape[2]}]")
+
 
 class QuantizedCompressedLayer(CompressedLayer):
     """A compressed context kept quantized: the kept entries live in a fresh transformers quantized layer of the
@@ -737,8 +791,10 @@ class QuantizedCompressedLayer(CompressedLayer):
         valid, logical_length, compressed_length: as in :class:`CompressedLayer`.
     """
 
-    def __init__(self, inner: BaseQuantizedLayer, valid: torch.Tensor, logical_length: int):
+    def __init__(self, inner: BaseQuantizedLayer, valid: torch.Tensor, logical_length: int,
+                 num_kv_heads: int | None = None):
         CacheLayerMixin.__init__(self)
+        self._num_kv_heads = num_kv_heads
         self.inner, self.valid, self.logical_length = inner, valid, int(logical_length)
         self.dtype, self.device = inner.keys.dtype, inner.device  # transformers layers have no `dtype`
         self.compressed_length = inner.get_seq_length()
@@ -777,6 +833,21 @@ class QuantizedCompressedLayer(CompressedLayer):
         self.logical_length = self.compressed_length = 0
         self.pending_valid = None
 
+    is_croppable = False
+    is_reorderable = False
+    recompress_problem = "decoding-time compression does not support quantized caches"
+    RECORD_KIND = "quantized_compressed"  # not saved: to_record raises
+
+    @property
+    def num_kv_heads(self) -> int:
+        if self._num_kv_heads is None:  # not given: read from the dequantized entries (once)
+            self._num_kv_heads = full_keys_values(self.inner)[0].shape[1]
+        return self._num_kv_heads
+
+    def to_record(self) -> dict:
+        raise TypeError("cannot save a compressed layer of a QuantizedCache; saving supports caches compressed in a "
+                        "DynamicCache")
+
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError(f"cropping or reordering a quantized compressed layer is not supported. {CROP_HINT}")
 
@@ -807,13 +878,14 @@ class SlidingCompressedLayer(CompressedLayer):
     """
 
     is_sliding = True
+    RECORD_KIND = "sliding_compressed"
+    RECORD_TENSORS = ("keys", "values", "valid", "positions")
 
     def __init__(self, keys, values, valid, logical_length: int, sliding_window: int, positions: torch.Tensor):
         super().__init__(keys, values, valid, logical_length)
         if positions.shape != keys.shape[:3] or positions.dtype != torch.long:
             raise ValueError(f"positions must be an int64 tensor of shape {tuple(keys.shape[:3])} ([B, H, P])")
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive int; got {sliding_window!r}")
+        check_int("sliding_window", sliding_window, minimum=1)
         self.sliding_window, self.positions = sliding_window, positions
         self._mask_given = False  # set by attention_mask() for the next update of a direct caller
 
@@ -907,6 +979,26 @@ class SlidingCompressedLayer(CompressedLayer):
         """As :meth:`CompressedLayer.nbytes`, plus the ``[B, H, P]`` int64 positions."""
         return super().nbytes() + tensor_bytes(self.positions)
 
+    def to_record(self) -> dict:
+        return {**super().to_record(), "positions": self.positions, "sliding_window": self.sliding_window}
+
+    @classmethod
+    def from_record(cls, record: dict) -> SlidingCompressedLayer:
+        layer = cls(record["keys"], record["values"], record["valid"], record["logical_length"],
+                    record["sliding_window"], record["positions"])
+        layer.compressed_length = record["compressed_length"]
+        return layer
+
+    @classmethod
+    def check_record(cls, record: dict, batch: int, heads: int, head_dim: int, length: int) -> None:
+        super().check_record(record, batch, heads, head_dim, length)
+        keys, positions, window = record["keys"], record["positions"], record["sliding_window"]
+        if not (positions.dtype == torch.long and positions.shape == keys.shape[:3]
+                and bool(((positions >= 0) & (positions < length)).all())):
+            raise ValueError(f"positions: must be int64 [{batch}, {heads}, {keys.shape[2]}] with values in "
+                             f"[0, {length})")
+        check_int("sliding_window", window, minimum=1)
+
 
 class SlidingPrefillLayer(DynamicLayer):
     """Holds a whole prefill of a sliding-window layer that is about to be compressed (a ``DynamicSlidingWindowLayer``
@@ -920,8 +1012,8 @@ class SlidingPrefillLayer(DynamicLayer):
 
 def stored_positions(layer) -> torch.Tensor:
     """``[B, H, P]`` long: the position of every entry a sliding-window layer stores (its last ``P`` tokens, unless
-    it is a :class:`SlidingCompressedLayer`)."""
-    if isinstance(layer, SlidingCompressedLayer):
+    it records them, as a :class:`SlidingCompressedLayer` does)."""
+    if getattr(layer, "positions", None) is not None:
         return layer.positions
     b, h, p = layer.keys.shape[:3]
     seen = layer.get_seq_length()
@@ -959,13 +1051,13 @@ def requantize(source, compressed):
     """Store a compressed layer back in the quantized form of ``source`` when the prefill used a quantized cache."""
     if not isinstance(source, BaseQuantizedLayer):
         return compressed
-    if not isinstance(compressed, CompressedLayer):
+    if compressed.per_head:
         raise ValueError("per-head budgets (ragged layers) cannot be combined with a quantized cache; "
                          "use an allocator that keeps the same count for every head")
     inner = copy.copy(source)
     inner.reset()
     inner.update(compressed.keys, compressed.values)
-    return QuantizedCompressedLayer(inner, compressed.valid, compressed.logical_length)
+    return QuantizedCompressedLayer(inner, compressed.valid, compressed.logical_length, compressed.num_kv_heads)
 
 
 def like_source(source, compressed):
@@ -981,7 +1073,7 @@ def like_source(source, compressed):
     window = getattr(source, "sliding_window", None)
     if window is None:
         return requantize(source, compressed)
-    if not isinstance(compressed, CompressedLayer):
+    if compressed.per_head:
         raise ValueError("per-head budgets (ragged layers) are not supported on sliding-window layers; use an "
                          "allocator that keeps the same count for every head (not head_adaptive)")
     if isinstance(source, BaseQuantizedLayer) or selected is None:
@@ -1010,6 +1102,54 @@ def layer_bytes(layer) -> int:
 def cache_bytes(cache: Cache) -> int:
     """Total bytes held by every layer of a transformers ``Cache``."""
     return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def full_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes an uncompressed ``DynamicCache(config=config)`` holds after prefilling ``seq_len`` tokens.
+
+    Every layer stores keys and values ``[B, H_kv, L, D]``: ``L = seq_len`` for full-attention layers and
+    ``L = min(seq_len, sliding_window - 1)`` for sliding-window layers (what transformers' sliding cache layer keeps).
+    So the total is ``2 * B * H_kv * D * element_size * sum(L over layers)``.
+
+    Args:
+        config: the model config (a multimodal config's text config is used).
+        seq_len: number of prefilled tokens ``S``.
+        batch_size: ``B``.
+        dtype: dtype of the cached keys and values (the model's dtype).
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    element = torch.empty((), dtype=dtype).element_size()
+    window = getattr(text, "sliding_window", None)
+    tokens = 0
+    for kind in layer_types(text):
+        if kind == "sliding_attention" and window:
+            tokens += min(seq_len, window - 1)
+        else:
+            tokens += seq_len
+    return 2 * batch_size * kv_heads * head_dim * element * tokens
+
+
+def prefill(model, input_ids: torch.Tensor, **forward_kwargs) -> DynamicCache:
+    """A new ``DynamicCache(config=model.config)`` holding ``input_ids`` ``[B, S]`` after one forward of ``model``
+    (compressed when a press is installed on it); ``forward_kwargs`` go to the forward (e.g. ``logits_to_keep=1``)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs)
+    return cache
+
+
+def kept_fraction(cache) -> float:
+    """Fraction of the context's KV pairs kept, over the compressed layers of ``cache`` (those with
+    ``kept_entries``), 1.0 if none."""
+    counts = [layer.kept_entries() for layer in cache.layers if hasattr(layer, "kept_entries")]
+    total = sum(t for _, t in counts)
+    return sum(k for k, _ in counts) / total if total else 1.0
+
+
+RECORD_CLASSES = {cls.RECORD_KIND: cls for cls in (CompressedLayer, SlidingCompressedLayer, RaggedLayer)}
+"""Storage kinds that can be saved: ``record["kind"]`` -> the class whose ``from_record`` rebuilds it."""
 
 
 from . import attention as _attention  # noqa: E402,F401  registers kvpress_like_sdpa / kvpress_like_eager

@@ -26,13 +26,18 @@ import torch
 from transformers import DynamicCache
 
 from .allocators import keep_count
+from .allocators.uniform import UniformAllocator
 from .cache import CACHE_KWARG, like_source
+from .checks import check_int
 from .context import press as press_context
 from .press import Press, select_top, store_dense
 
 
 class _ChunkedPress(Press):
-    """Internal: compresses after every chunk's forward (``compresses_prefill`` is off; ``after_forward`` acts)."""
+    """Internal: compresses after every chunk's forward (``compresses_prefill`` is off; ``after_forward`` acts).
+
+    The scores and positions of the entries each layer holds are run state: they live in the installation's
+    per-prefill ``hooks.state`` (the first chunk is the prefill; later chunks extend it), not on this press."""
 
     name = "chunked_prefill"
     reads_whole_prefill = True
@@ -40,7 +45,6 @@ class _ChunkedPress(Press):
     def __init__(self, inner: Press):
         super().__init__(ratio=0.0)
         self.inner = inner
-        self.carried: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (scores, positions) [B, H, P]
 
     def compresses_prefill(self) -> bool:
         return False
@@ -59,7 +63,8 @@ class _ChunkedPress(Press):
             raise ValueError(f"{type(self.inner).__name__}.score returned shape {tuple(new_scores.shape)} or NaN; "
                              f"expected {(batch, heads, chunk)} finite scores")
         new_positions = torch.arange(seen - chunk, seen, device=keys.device).expand(batch, heads, chunk)
-        old_scores, old_positions = self.carried.get(idx, (new_scores[..., :0], new_positions[..., :0]))
+        carried = hooks.state.setdefault("chunked_carried", {})  # layer -> (scores, positions) [B, H, P]
+        old_scores, old_positions = carried.get(idx, (new_scores[..., :0], new_positions[..., :0]))
         scores = torch.cat([old_scores, new_scores], dim=-1)
         positions = torch.cat([old_positions, new_positions], dim=-1)
         protected = (positions < self.inner.n_sink) | (positions >= seen - self.inner.window)
@@ -68,7 +73,7 @@ class _ChunkedPress(Press):
         counts = torch.full((batch, heads), keep, dtype=torch.long, device=keys.device)
         indices, slot_valid = select_top(ranked, counts)
         cache.layers[idx] = like_source(layer, store_dense(keys, values, indices, slot_valid, seen))
-        self.carried[idx] = (scores.gather(-1, indices), positions.gather(-1, indices))
+        carried[idx] = (scores.gather(-1, indices), positions.gather(-1, indices))
 
 
 def check_press(p: Press) -> None:
@@ -78,23 +83,20 @@ def check_press(p: Press) -> None:
         TypeError: ``p`` is not a press.
         ValueError: it overrides selection, compression or decoding, or uses another allocator.
     """
-    from .allocators.uniform import UniformAllocator
-
     if not isinstance(p, Press):
         raise TypeError(f"chunked_prefill needs a Press; got {type(p).__name__}")
     overrides = [name for name in ("select", "compress", "after_forward") if getattr(type(p), name) is not
                  getattr(Press, name)]
-    if overrides or not isinstance(p._allocator, UniformAllocator):
+    if overrides or not isinstance(p.allocator_instance, UniformAllocator):
         raise ValueError(
             f"chunked prefill supports presses that score tokens with the uniform allocator; {type(p).__name__} "
-            f"{'overrides ' + ', '.join(overrides) if overrides else 'uses allocator ' + p._allocator.name}"
+            f"{'overrides ' + ', '.join(overrides) if overrides else 'uses allocator ' + p.allocator_instance.name}"
         )
 
 
 def _check(model, p: Press, input_ids: torch.Tensor, chunk_size: int) -> None:
     check_press(p)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, minimum=1)
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty [batch, seq_len] tensor (rows of equal length, no padding)")
 

@@ -17,7 +17,6 @@ compressed cache (later forwards are never compressed). Progress goes to stderr,
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import json
 import os
@@ -78,24 +77,16 @@ def _ratio_arg(text: str):
 
 
 def parse_press_args(items: list[str] | None) -> dict:
-    """``["window=32", "allocator=uniform"]`` -> ``{"window": 32, "allocator": "uniform"}``.
+    """``["window=32", "allocator=uniform"]`` -> ``{"window": 32, "allocator": "uniform"}``
+    (:func:`kvpress_like.registry.parse_press_params`, with the errors of ``--press-arg``)."""
+    from .registry import parse_press_params
 
-    Values are read as Python literals (numbers, booleans, None, quoted strings) and kept as strings otherwise.
-    """
-    result = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise CLIError(f"--press-arg takes key=value (e.g. --press-arg window=32); got {item!r}")
-        if key in ("ratio", "compression_ratio"):
-            raise CLIError("set the ratio with --ratio, not --press-arg")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        result[key] = value
-    return result
+    if any(item.partition("=")[0].strip() in ("ratio", "compression_ratio") for item in items or []):
+        raise CLIError("set the ratio with --ratio, not --press-arg")
+    try:
+        return parse_press_params(items)
+    except ValueError as error:
+        raise CLIError(f"--press-arg {error}") from error
 
 
 # -- presses / plugins -----------------------------------------------------------------------------------------------
@@ -219,18 +210,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _kept_entries(layer) -> tuple[int, int] | None:
-    """``(kept, total)`` KV pairs of a freshly compressed layer (over batch rows and KV heads), ``None`` if dense."""
-    from .cache import CompressedLayer, RaggedLayer
-
-    if isinstance(layer, RaggedLayer):
-        return int(layer.lengths.sum()), layer.lengths.numel() * layer.logical_length
-    if isinstance(layer, CompressedLayer):
-        heads = layer.keys.shape[1]
-        return int(layer.valid.sum()) * heads, layer.keys.shape[0] * heads * layer.logical_length
-    return None
-
-
 def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: int = 32, progress: bool = True,
             chunk_size: int | None = None):
     """Prefill-compress ``context`` with press ``p``, then answer ``question`` greedily on the compressed cache.
@@ -250,12 +229,10 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         A :class:`RunResult` (``load_seconds``, ``expected`` and ``found`` are left for the caller).
     """
     import torch
-    from transformers import DynamicCache
 
-    from .cache import CACHE_KWARG, cache_bytes
+    from .cache import CACHE_KWARG, cache_bytes, full_cache_bytes, kept_fraction, prefill
     from .chunked import chunked_prefill
     from .context import press
-    from .eval.model import full_cache_bytes
     from .press import describe
 
     context_ids, suffix_ids = encode_prompt(tokenizer, context, question)
@@ -268,7 +245,6 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         forward_kwargs["logits_to_keep"] = 1  # only the next-token logits are needed
 
-    cache = DynamicCache(config=model.config)
     generated: list[int] = []
     with press(model, p) if chunk_size is None else nullcontext(), torch.no_grad():
         chunks = "" if chunk_size is None else f" in chunks of {chunk_size}"
@@ -276,14 +252,13 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         start = time.perf_counter()
         with _layer_progress(model, "prefill+compress", enabled=progress and chunk_size is None):
             if chunk_size is None:
-                model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True, **forward_kwargs)
+                cache = prefill(model, context_ids, **forward_kwargs)
             else:
                 cache = chunked_prefill(model, p, context_ids, chunk_size)
         prefill_seconds = time.perf_counter() - start
         bytes_after = cache_bytes(cache)
-        counts = [_kept_entries(layer) for layer in cache.layers]
-        compressed = [count for count in counts if count is not None]
-        kept_fraction = sum(k for k, _ in compressed) / sum(t for _, t in compressed) if compressed else 1.0
+        kept = kept_fraction(cache)
+        compressed_layers = sum(hasattr(layer, "kept_entries") for layer in cache.layers)
 
         _stage(f"decode: question ({suffix_ids.shape[1]} tokens) and up to {max_new_tokens} new tokens ...")
         start = time.perf_counter()
@@ -307,8 +282,8 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         generated_tokens=len(generated),
         bytes_before=full_cache_bytes(model.config, n_context, batch_size=1, dtype=dtype),
         bytes_after=bytes_after,
-        kept_fraction=kept_fraction,
-        compressed_layers=len(compressed),
+        kept_fraction=kept,
+        compressed_layers=compressed_layers,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
     )
@@ -539,7 +514,7 @@ def cmd_eval(args) -> int:
     grid = {"presses": args.presses, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.length,
             "samples": args.samples}
     try:
-        runner._check_grid(**grid, mode=args.mode)  # fail before the slow model load
+        runner.check_grid(**grid, mode=args.mode)  # fail before the slow model load
     except ValueError as error:
         raise CLIError(str(error)) from error
     _check_model_arg(args.model)
@@ -568,21 +543,25 @@ def cmd_calibrate(args) -> int:
         raise CLIError("--samples must be >= 1 and --lengths >= 64 tokens")
     _check_model_arg(args.model)
 
+    import shlex
+
     from . import calibration
+    from .eval.calibration import calibrate
     from .registry import list_presses
 
     unknown = [name for name in args.press if name not in list_presses()]
     if unknown:
         raise CLIError(f"unknown press(es) {unknown}; see kvpress-like presses")
     model, tokenizer, label, _ = _load_model(args)
+    command = " ".join(["kvpress-like", *(shlex.quote(a) for a in sys.argv[1:])])
     try:
-        result = calibration.calibrate(model, tokenizer, args.press, lengths=args.lengths, samples=args.samples,
-                                       seed=args.seed, model_name=label, progress=not args.no_progress)
+        result = calibrate(model, tokenizer, args.press, lengths=args.lengths, samples=args.samples, seed=args.seed,
+                           model_name=label, command=command, tasks=args.tasks, progress=not args.no_progress)
     except ValueError as error:
         raise CLIError(str(error)) from error
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    calibration.save_calibration(result, output)
     print(f"model: {label}")
     print("| press | alpha | beta | points | mean context NLL | retention at quality 0.95 (mean NLL) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -688,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--press", nargs="+", default=["compactor"], help="press names (default: compactor)")
     cal.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048], help="context lengths in tokens")
     cal.add_argument("--samples", type=int, default=3, help="samples per task and length (default: 3)")
+    cal.add_argument("--tasks", nargs="+", default=None, help="calibration task types (default: the seven of "
+                     "kvpress_like.eval.calibration.CALIBRATION_TASKS)")
     cal.add_argument("--seed", type=int, default=1_000_003, help="seed of the calibration samples")
     cal.add_argument("--output", default="calibration.json", help="output JSON file (default: calibration.json)")
     _add_model_args(cal)

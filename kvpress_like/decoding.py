@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import BaseQuantizedLayer
 
-from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer, like_source
-from .context import valid_tokens
+from .cache import like_source, valid_tokens
+from .checks import check_int
 from .press import Press, select_top, store_dense
+from .registry import create_press
 
 
 def recent_tokens(cache) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -59,8 +61,6 @@ class DecodingPress(Press):
         if self.ratio != 0:
             raise ValueError("DecodingPress has no ratio of its own: set the prefill ratio on its scorer")
         if isinstance(self.scorer, str):
-            from .registry import create_press
-
             self.scorer = create_press(self.scorer)
         if not isinstance(self.scorer, Press):
             raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
@@ -70,9 +70,7 @@ class DecodingPress(Press):
                 "use one of: knorm, random, streaming_llm, cur, snapkv, tova"
             )
         for name in ("target", "interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         protected = self.scorer.n_sink + self.scorer.window
         if self.target < protected:
             raise ValueError(f"target ({self.target}) must be at least the scorer's protected tokens "
@@ -100,17 +98,17 @@ class DecodingPress(Press):
                                                                        (old_sin, sin)))
         recent[idx] = (hidden[:, -keep:], cos[:, -keep:], sin[:, -keep:])
         layer = cache.layers[idx]
-        if isinstance(layer, QuantizedCompressedLayer) or type(layer).__name__.endswith("QuantizedLayer"):
-            raise ValueError("decoding-time compression does not support quantized caches")
-        if isinstance(layer, RaggedLayer):
-            raise ValueError("decoding-time compression needs dense layers; use a uniform-count allocator for the "
-                             "prefill (not head_adaptive)")
+        # a compressed layer says whether it can be cut again (dense ones can; ragged and quantized ones cannot)
+        problem = getattr(layer, "recompress_problem", None)
+        if problem is None and isinstance(layer, BaseQuantizedLayer):  # transformers' own quantized layers
+            problem = "decoding-time compression does not support quantized caches"
+        if problem:
+            raise ValueError(problem)
         physical = layer.keys.shape[2]
         if physical < self.target + self.interval:
             return
-        if isinstance(layer, CompressedLayer):
-            valid = layer.valid
-        else:  # a plain layer holds every token: its padding is what this forward's mask hides
+        valid = getattr(layer, "valid", None)  # a compressed layer knows its real slots
+        if valid is None:  # a plain layer holds every token: its padding is what this forward's mask hides
             valid = valid_tokens(kwargs.get("attention_mask"), layer.keys.shape[0], physical, layer.keys.device)
         recent_hidden, recent_cos, recent_sin = recent[idx]
         ctx = hooks.context(module, kwargs, layer.keys, layer.values, valid, recent_hidden, (recent_cos, recent_sin))

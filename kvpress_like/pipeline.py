@@ -16,10 +16,12 @@ import copy
 from contextlib import nullcontext
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, Pipeline
+from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .cache import CACHE_KWARG, CompressedLayer, RaggedLayer, cache_bytes
+from .cache import CACHE_KWARG, cache_bytes, full_cache_bytes, kept_fraction, prefill
+from .checks import check_int
+from .context import active_press
 from .context import press as press_context
 from .press import Press, applied_ratio
 
@@ -63,20 +65,6 @@ def encode_question(tokenizer, question: str, answer_prefix: str = "") -> torch.
     return encode_prompt(tokenizer, "context", question, answer_prefix)[1]
 
 
-def kept_fraction(cache) -> float:
-    """Fraction of the context's KV pairs kept, over the compressed layers of ``cache`` (1.0 if none)."""
-    kept = total = 0
-    for layer in cache.layers:
-        if isinstance(layer, RaggedLayer):
-            kept += int(layer.lengths.sum())
-            total += layer.lengths.numel() * (layer.logical_length - layer.tail_keys.shape[2])
-        elif isinstance(layer, CompressedLayer):
-            kept += int(layer.valid[:, : layer.compressed_length].sum()) * layer.keys.shape[1]
-            appended = layer.physical_length - layer.compressed_length
-            total += layer.keys.shape[0] * layer.keys.shape[1] * (layer.logical_length - appended)
-    return kept / total if total else 1.0
-
-
 def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.Tensor, max_new_tokens: int):
     """Greedy answer to ``suffix_ids`` ``[1, q]`` on a cache holding ``context_ids`` ``[1, S]`` (compressed or
     not), leaving the cache as it was (the context only). Returns the generated ids ``[n]``.
@@ -85,8 +73,6 @@ def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.T
     cropped back to the context afterwards; when the installed press compresses while decoding (which cropping
     cannot undo) the answer is decoded on a copy of the cache instead.
     """
-    from .context import active_press
-
     context_length = cache.get_seq_length()
     if context_length != context_ids.shape[1]:
         raise ValueError(f"the cache has seen {context_length} tokens but context_ids has {context_ids.shape[1]}")
@@ -140,8 +126,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError("question must be a non-empty string and questions a non-empty list of them")
         if press is not None and not isinstance(press, Press):
             raise TypeError(f"press must be a kvpress_like Press or None; got {type(press).__name__}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
         preprocess = {"questions": qs, "answer_prefix": answer_prefix, "compress_questions": bool(compress_questions)}
         forward = {"press": press, "max_new_tokens": max_new_tokens}
         post = {"single": question is not None, "return_cache_stats": bool(return_cache_stats)}
@@ -159,33 +144,23 @@ class KVPressTextGenerationPipeline(Pipeline):
         return {"prefills": [parts[0][0]], "suffixes": [s for _, s in parts]}
 
     def _forward(self, inputs, press, max_new_tokens):
-        from .context import active_press
-
         prefills, suffixes = inputs["prefills"], inputs["suffixes"]
         answers, stats, cache = [], None, None
         applied = press if press is not None else active_press(self.model)  # a press installed around the call
         with press_context(self.model, press) if press is not None else nullcontext():
             for i, suffix in enumerate(suffixes):
-                prefill = prefills[i] if len(prefills) > 1 else prefills[0]
+                prefill_ids = prefills[i] if len(prefills) > 1 else prefills[0]
                 if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
-                    cache = self._prefill(prefill)
+                    cache = prefill(self.model, prefill_ids)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
-                                      "context_tokens": prefill.shape[1], "ratio": applied_ratio(applied)}
-                answers.append(answer_on_cache(self.model, cache, prefill, suffix, max_new_tokens))
+                                      "context_tokens": prefill_ids.shape[1], "ratio": applied_ratio(applied)}
+                answers.append(answer_on_cache(self.model, cache, prefill_ids, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
-
-    def _prefill(self, input_ids: torch.Tensor) -> DynamicCache:
-        """A cache holding ``input_ids`` ``[1, n]`` (compressed when a press is installed)."""
-        cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=input_ids, **{CACHE_KWARG: cache}, use_cache=True)
-        return cache
 
     def postprocess(self, outputs, single, return_cache_stats):
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs["answers"]]
         result = {"answer": texts[0]} if single else {"answers": texts}
         if return_cache_stats:
-            from .eval.model import full_cache_bytes
-
             stats = dict(outputs["stats"])
             stats["bytes_before"] = full_cache_bytes(self.model.config, stats["context_tokens"], batch_size=1,
                                                      dtype=self.model.dtype)

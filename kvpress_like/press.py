@@ -131,15 +131,25 @@ def _hash_by_parameters(p) -> int:
     return hash(json.dumps(p.to_dict(), sort_keys=True, default=repr))
 
 
+def _equal_parameters(p, other) -> bool:
+    """Two presses are equal when they are of the same class with the same description (an allocator given by name
+    equals the same allocator given as an instance with its default parameters)."""
+    if type(other) is not type(p):
+        return NotImplemented
+    return p.to_dict() == other.to_dict()
+
+
 class _CheckedPress(type):
     """Once a press is built (after its own ``__post_init__`` checks, whose messages come first), every parameter
     annotated ``int``, ``float`` or ``bool`` must hold one; from then on assignments are checked as they happen.
 
-    Every press class gets a hash that follows its parameters (``@dataclass`` would otherwise remove ``__hash__``).
+    Every press class compares and hashes by its parameters (``@dataclass`` keeps an ``__eq__`` and ``__hash__`` its
+    class defines, and would otherwise remove ``__hash__``).
     """
 
     def __new__(mcs, name, bases, namespace, **kwargs):
-        namespace.setdefault("__hash__", _hash_by_parameters)  # an explicit __hash__: @dataclass keeps it
+        namespace.setdefault("__eq__", _equal_parameters)
+        namespace.setdefault("__hash__", _hash_by_parameters)
         return super().__new__(mcs, name, bases, namespace, **kwargs)
 
     def __call__(cls, *args, **kwargs):

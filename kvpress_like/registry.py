@@ -4,12 +4,19 @@ Third-party plugins are packages exposing an entry point in the group ``kvpress_
 once, the first time the registry is consulted. Set ``KVPRESS_LIKE_NO_PLUGINS=1`` to skip loading them (the
 built-in plugin is always loaded).
 
+The registry sits below the presses: it imports no press, scorer or plugin module. The plugins listed in
+:data:`DEFAULT_PLUGINS` (the built-in one) are loaded by name, as entry points are, and :mod:`kvpress_like.press`
+declares the class registered presses must derive from (:func:`declare_press_class`), so that a press can look up
+allocators and other presses by name without an import cycle.
+
 A plugin that fails to load, implements a hook that does not exist (e.g. a misspelled name), or whose hook raises
 makes the registry raise a :class:`PluginError` naming the plugin.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +28,7 @@ PROJECT = "kvpress_like"
 DISABLE_ENV = "KVPRESS_LIKE_NO_PLUGINS"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 _DISABLE_HINT = f"set {DISABLE_ENV}=1 to disable third-party plugins"
+DEFAULT_PLUGINS = ("kvpress_like.plugins.builtin",)  # always loaded, by name (registered as their last component)
 
 
 class PluginError(RuntimeError):
@@ -37,23 +45,28 @@ class _Tables:
 
 _manager: pluggy.PluginManager | None = None
 _tables: _Tables | None = None
+_press_class: type | None = None
+
+
+def declare_press_class(cls: type) -> None:
+    """Declare the base class every registered press must derive from (:class:`kvpress_like.Press`, declared by
+    :mod:`kvpress_like.press` when it is imported)."""
+    global _press_class
+    _press_class = cls
 
 
 def plugin_manager() -> pluggy.PluginManager:
     """The plugin manager, created on first use with the built-in plugin and the installed entry points."""
     global _manager
     if _manager is None:
-        from .plugins import builtin
-
         manager = pluggy.PluginManager(PROJECT)
         manager.add_hookspecs(hookspecs)
-        manager.register(builtin, name="builtin")
+        for dotted in DEFAULT_PLUGINS:
+            manager.register(importlib.import_module(dotted), name=dotted.rsplit(".", 1)[-1])
         if os.environ.get(DISABLE_ENV, "") in ("", "0"):
             try:
                 manager.load_setuptools_entrypoints(PROJECT)
             except Exception as error:
-                import importlib.metadata
-
                 pending = [f"{ep.name!r} ({ep.value})" for dist in importlib.metadata.distributions()
                            for ep in dist.entry_points if ep.group == PROJECT and manager.get_plugin(ep.name) is None]
                 raise PluginError(f"third-party plugin {pending[0] if pending else '?'} failed to load: "
@@ -106,9 +119,8 @@ def _collect() -> _Tables:
     global _tables
     if _tables is not None:
         return _tables
-    from .allocators.base import Allocator
+    from .allocators.base import Allocator  # (not at import: `import kvpress_like.registry` stays free of torch)
     from .patches.base import Architecture
-    from .press import Press
 
     tables = _Tables()
     hook = plugin_manager().hook
@@ -121,7 +133,7 @@ def _collect() -> _Tables:
         table[name] = obj
 
     def register_press(name, cls):
-        if not (isinstance(cls, type) and issubclass(cls, Press)):
+        if not (isinstance(cls, type) and _press_class is not None and issubclass(cls, _press_class)):
             raise TypeError(f"register_presses: {name!r} must be a Press subclass, got {cls!r}")
         add(tables.presses, "press", name, cls)
 
@@ -189,9 +201,53 @@ def create_press(name: str, **kwargs):
 
 
 def press_from_dict(data: dict):
-    """Inverse of :meth:`Press.to_dict`: ``{"press": name, **parameters}`` -> a press (nested presses too)."""
-    params = {k: press_from_dict(v) if isinstance(v, dict) and "press" in v else v for k, v in data.items()}
+    """Inverse of :meth:`Press.to_dict`: ``{"press": name, **parameters}`` -> a press (nested presses and allocators
+    with their parameters too: ``{"allocator": "pyramid", "beta": 5.0}``)."""
+    if not isinstance(data, dict) or not isinstance(data.get("press"), str):
+        raise ValueError(f"press_from_dict takes {{'press': name, **parameters}}; got {data!r}")
+    params = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and "press" in value:
+            value = press_from_dict(value)
+        elif isinstance(value, dict) and "allocator" in value:
+            value = allocator_from_dict(value)
+        params[key] = value
     return create_press(params.pop("press"), **params)
+
+
+def allocator_from_dict(data: dict):
+    """Inverse of :meth:`Allocator.to_dict`: ``{"allocator": name, **parameters}`` -> an allocator."""
+    if not isinstance(data, dict) or not isinstance(data.get("allocator"), str):
+        raise ValueError(f"allocator_from_dict takes {{'allocator': name, **parameters}}; got {data!r}")
+    params = dict(data)
+    return get_allocator_class(params.pop("allocator"))(**params)
+
+
+def parse_press_params(items: list[str] | None) -> dict:
+    """``["window=32", "allocator=uniform"]`` -> ``{"window": 32, "allocator": "uniform"}`` (the parameters of a
+    press written as text, as ``kvpress-like run --press-arg`` and the evaluation grid's ``name:key=value,...`` do).
+
+    Values are read as Python literals (numbers, booleans, None, quoted strings) and kept as strings otherwise.
+
+    Raises:
+        ValueError: an item is not ``key=value`` with an identifier as key, or sets the ratio (given on its own).
+    """
+    import ast
+
+    result = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"takes key=value (e.g. window=32); got {item!r}")
+        if key in ("ratio", "compression_ratio"):
+            raise ValueError(f"cannot set the ratio ({item!r}): it is given on its own")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        result[key] = value
+    return result
 
 
 def get_allocator_class(name: str):

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .cache import CompressedLayer, QuantizedCompressedLayer, RaggedLayer, SlidingCompressedLayer
+from .cache import RECORD_CLASSES
 from .press import Press
 
 FORMAT = "kvpress-like-cache/1"
@@ -52,21 +52,15 @@ def model_identity(model) -> dict:
     return identity
 
 
+# transformers' own layers, saved as plain records (a compressed layer writes its own: ``to_record``)
+_PLAIN_TENSORS = ("keys", "values")
+
+
 def _layer_record(layer) -> dict:
-    if isinstance(layer, QuantizedCompressedLayer):
-        raise TypeError("cannot save a compressed layer of a QuantizedCache; saving supports caches compressed in a "
-                        "DynamicCache")
-    if isinstance(layer, RaggedLayer):
-        return {"kind": "ragged", "flat_keys": layer.flat_keys, "flat_values": layer.flat_values,
-                "lengths": layer.lengths, "tail_keys": layer.tail_keys, "tail_values": layer.tail_values,
-                "tail_valid": layer.tail_valid, "logical_length": layer.logical_length}
-    if isinstance(layer, SlidingCompressedLayer):
-        return {"kind": "sliding_compressed", "keys": layer.keys, "values": layer.values, "valid": layer.valid,
-                "positions": layer.positions, "sliding_window": layer.sliding_window,
-                "logical_length": layer.logical_length, "compressed_length": layer.compressed_length}
-    if isinstance(layer, CompressedLayer):
-        return {"kind": "compressed", "keys": layer.keys, "values": layer.values, "valid": layer.valid,
-                "logical_length": layer.logical_length, "compressed_length": layer.compressed_length}
+    """The layer as a record: its own :meth:`~kvpress_like.cache.CompressedLayer.to_record`, or a plain record for
+    transformers' ``DynamicLayer`` and ``DynamicSlidingWindowLayer``."""
+    if hasattr(layer, "to_record"):
+        return layer.to_record()
     if isinstance(layer, DynamicSlidingWindowLayer):
         return {"kind": "sliding", "keys": layer.keys, "values": layer.values, "sliding_window": layer.sliding_window,
                 "cumulative_length": layer.cumulative_length}
@@ -75,24 +69,12 @@ def _layer_record(layer) -> dict:
     raise TypeError(f"cannot save a cache layer of type {type(layer).__name__}")
 
 
-def _restore_layer(record: dict):
+def _restore_layer(record: dict, device):
+    """The layer a record describes, its tensors on ``device``."""
+    record = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in record.items()}
     kind = record["kind"]
-    if kind == "ragged":
-        b, h = record["lengths"].shape
-        shape = (b, h, 0, record["flat_keys"].shape[-1])
-        layer = RaggedLayer(record["flat_keys"], record["flat_values"], record["lengths"], 0, shape)
-        layer.tail_keys, layer.tail_values = record["tail_keys"], record["tail_values"]
-        layer.tail_valid, layer.logical_length = record["tail_valid"], record["logical_length"]
-        return layer
-    if kind == "compressed":
-        layer = CompressedLayer(record["keys"], record["values"], record["valid"], record["logical_length"])
-        layer.compressed_length = record["compressed_length"]
-        return layer
-    if kind == "sliding_compressed":
-        layer = SlidingCompressedLayer(record["keys"], record["values"], record["valid"], record["logical_length"],
-                                       record["sliding_window"], record["positions"])
-        layer.compressed_length = record["compressed_length"]
-        return layer
+    if kind in RECORD_CLASSES:
+        return RECORD_CLASSES[kind].from_record(record)
     layer = DynamicSlidingWindowLayer(record["sliding_window"]) if kind == "sliding" else DynamicLayer()
     if record["keys"] is not None:
         layer.update(record["keys"], record["values"])
@@ -196,9 +178,8 @@ def _check_tensors(path, payload: dict, model) -> None:
             "save the cache again")
     require(isinstance(specs, list) and isinstance(layers, list) and len(specs) == len(layers) ==
             config.num_hidden_layers, "layers", f"{config.num_hidden_layers} layers with their tensor specs expected")
-    kinds = {"dynamic": {"keys", "values"}, "sliding": {"keys", "values"}, "compressed": {"keys", "values", "valid"},
-             "sliding_compressed": {"keys", "values", "valid", "positions"},
-             "ragged": {"flat_keys", "flat_values", "lengths", "tail_keys", "tail_values", "tail_valid"}}
+    kinds = {"dynamic": set(_PLAIN_TENSORS), "sliding": set(_PLAIN_TENSORS),
+             **{kind: set(cls.RECORD_TENSORS) for kind, cls in RECORD_CLASSES.items()}}
     dtype = None
     for i, (record, spec) in enumerate(zip(layers, specs)):
         kind = record.get("kind") if isinstance(record, dict) else None
@@ -214,19 +195,12 @@ def _check_tensors(path, payload: dict, model) -> None:
                     f"is {value.dtype} {list(value.shape)} but the metadata records {spec[name][0]} {spec[name][1]}")
         logical = record.get("cumulative_length" if kind == "sliding" else "logical_length", length)
         require(logical == length, where, f"has seen {logical!r} tokens, the context has {length}")
-        if kind == "ragged":
-            lengths, tail = record["lengths"], record["tail_keys"]
-            require(lengths.dtype == torch.long and lengths.shape == (batch, heads) and bool((lengths >= 0).all()),
-                    f"{where} lengths", f"must be non-negative int64 [{batch}, {heads}]")
-            n = int(lengths.sum())
-            keys, values = record["flat_keys"], record["flat_values"]
-            require(keys.shape == values.shape == (n, head_dim), f"{where} flat_keys/flat_values",
-                    f"must both be [{n}, {head_dim}] (lengths.sum(), head_dim)")
-            require(tail.shape == record["tail_values"].shape and tail.ndim == 4 and tail.shape[:2] == (batch, heads)
-                    and tail.shape[3] == head_dim and tail.dtype == keys.dtype, f"{where} tail_keys/tail_values",
-                    f"must both be {keys.dtype} [{batch}, {heads}, T, {head_dim}]")
-            require(record["tail_valid"].dtype == torch.bool and record["tail_valid"].shape == (batch, tail.shape[2]),
-                    f"{where} tail_valid", f"must be bool [{batch}, {tail.shape[2]}]")
+        if kind in RECORD_CLASSES:
+            try:
+                RECORD_CLASSES[kind].check_record(record, batch, heads, head_dim, length)
+            except ValueError as error:
+                require(False, where, str(error))
+            keys = record[RECORD_CLASSES[kind].RECORD_TENSORS[0]]
         elif record["keys"] is not None:
             keys, values = record["keys"], record["values"]
             stored = keys.shape[2] if keys.ndim == 4 else -1
@@ -234,18 +208,6 @@ def _check_tensors(path, payload: dict, model) -> None:
                     and keys.shape[:2] == (batch, heads) and keys.shape[3] == head_dim and stored <= length,
                     f"{where} keys/values", f"must both be [{batch}, {heads}, P, {head_dim}] with P <= {length}")
             require(kind != "dynamic" or stored == length, f"{where} keys", f"must hold all {length} tokens")
-            if kind == "sliding_compressed":
-                positions, window = record["positions"], record["sliding_window"]
-                require(positions.dtype == torch.long and positions.shape == keys.shape[:3]
-                        and bool(((positions >= 0) & (positions < length)).all()), f"{where} positions",
-                        f"must be int64 [{batch}, {heads}, {stored}] with values in [0, {length})")
-                require(isinstance(window, int) and not isinstance(window, bool) and window >= 1, where,
-                        f"sliding_window must be a positive int; got {window!r}")
-            if kind in ("compressed", "sliding_compressed"):
-                require(record["valid"].dtype == torch.bool and record["valid"].shape == (batch, stored),
-                        f"{where} valid", f"must be bool [{batch}, {stored}]")
-                require(isinstance(record["compressed_length"], int) and 0 <= record["compressed_length"] <= stored,
-                        where, f"compressed_length must be in [0, {stored}]")
         else:
             continue
         require(keys.is_floating_point() and dtype in (None, keys.dtype), f"{where} keys",
@@ -289,14 +251,6 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
         raise ValueError(f"{path}: invalid kvpress-like cache file: malformed layer record ({error!r})") from error
     cache = DynamicCache(config=model.config)
     device = model.get_input_embeddings().weight.device
-    layers = [_restore_layer(record) for record in payload["layers"]]
+    layers = [_restore_layer(record, device) for record in payload["layers"]]
     cache.layers[: len(layers)] = layers
-    for layer in layers:
-        for name in ("keys", "values", "valid", "positions", "flat_keys", "flat_values", "lengths", "tail_keys",
-                     "tail_values", "tail_valid"):
-            value = getattr(layer, name, None)
-            if isinstance(value, torch.Tensor):
-                setattr(layer, name, value.to(device))
-        if isinstance(layer, RaggedLayer):
-            layer.keys, layer.values = layer.flat_keys, layer.flat_values
     return cache, payload["input_ids"].to(device), payload["meta"]

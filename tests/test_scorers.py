@@ -1113,7 +1113,7 @@ def test_chunkkv_with_window_keeps_the_window_and_one_set_per_layer():
         assert len(sets[0]) == keep_count(SEQ - PADS[b], 0.6)
 
 
-def test_chunkkv_reuses_indices_within_a_group_of_one_forward():
+def test_chunkkv_reuses_indices_within_a_group_of_one_prefill():
     ctx, _ = build_ctx("llama", layer_idx=0)
     p = kvpress_like.ChunkKVPress(ratio=0.5, window=4, scorer=kvpress_like.SnapKVPress(window=8), chunk_size=4,
                                   reuse_group=2)
@@ -1121,13 +1121,14 @@ def test_chunkkv_reuses_indices_within_a_group_of_one_forward():
     original = p.select
     p.select = lambda c: calls.append(c.layer_idx) or original(c)
     first = p.compress(ctx)
-    # layer 1 of the same forward (same position-embedding tensor) but other keys: reuses layer 0's selection
+    assert "chunkkv_reused" in ctx.state and not hasattr(p, "_reused")  # run state on the installation's dict
+    # layer 1 of the same prefill (the installation's state is shared by its layers) but other keys: reuses
     ctx1, _ = build_ctx("llama", layer_idx=1, seed=9)
-    ctx1.position_embeddings = ctx.position_embeddings
+    ctx1.state = ctx.state
     second = p.compress(ctx1)
     assert calls == [0]
     torch.testing.assert_close(first.valid, second.valid)
-    # a new forward (new tensors) selects again
+    # another prefill (or another installation: a state of its own) selects again
     ctx_new, _ = build_ctx("llama", layer_idx=1, seed=9)
     p.compress(ctx_new)
     assert calls == [0, 1]

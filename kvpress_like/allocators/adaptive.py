@@ -47,6 +47,3 @@ class HeadAdaptiveAllocator(Allocator):
             lower = max(n_prot[row], 1)
             counts[row] = torch.tensor(distribute(h * per_head, target, [lower] * h, [n_real[row]] * h))
         return counts.to(scores.device)
-
-    def __repr__(self) -> str:
-        return f"HeadAdaptiveAllocator(alpha={self.alpha})"

@@ -7,6 +7,7 @@ tokens (``min(n, n_sink + window)``) nor fewer than one.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import ClassVar
@@ -43,7 +44,9 @@ class Allocator:
     after that layer's prefill. A *model-scope* allocator (``scope = "model"``) implements :meth:`allocate_model`
     and sees every compressible layer's scores before any layer is pruned (peak memory: the full cache of the
     context plus one ``[B, H_kv, S]`` fp32 score tensor per layer).
-    Subclasses set ``name`` and ``scope``.
+    Subclasses set ``name`` and ``scope``, and keep each constructor argument as a public attribute of the same name
+    (:meth:`params`), so that an allocator is configuration: it compares and hashes by its parameters and round-trips
+    through :meth:`to_dict` / :func:`kvpress_like.registry.allocator_from_dict`.
     """
 
     name: ClassVar[str] = ""
@@ -85,8 +88,29 @@ class Allocator:
         """
         raise NotImplementedError(f"{type(self).__name__} is a {self.scope}-scope allocator")
 
+    def params(self) -> dict:
+        """The constructor arguments: every public attribute (``{"beta": 20.0}`` for the pyramid allocator)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def default_params(self) -> dict:
+        """The constructor's defaults, ``{name: default}`` (parameters without a default are left out)."""
+        signature = inspect.signature(type(self).__init__)
+        return {name: parameter.default for name, parameter in signature.parameters.items()
+                if name != "self" and parameter.default is not inspect.Parameter.empty}
+
+    def to_dict(self) -> dict:
+        """JSON-ready description ``{"allocator": name, **params}``."""
+        return {"allocator": self.name, **self.params()}
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.params() == self.params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(sorted(self.params().items()))))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
 
 
 def distribute(total: int, weights: list[float], lower: list[int], upper: list[int]) -> list[int]:

@@ -51,6 +51,3 @@ class DynamicAllocator(Allocator):
             counts[:, row] = torch.tensor(distribute(n_layers * per_head, hits, [max(n_prot[row], 1)] * n_layers,
                                                      [cap] * n_layers))
         return [c[:, None].expand(b, h).clone().to(scores[0].device) for c in counts]
-
-    def __repr__(self) -> str:
-        return f"DynamicAllocator(radio_max={self.radio_max})"

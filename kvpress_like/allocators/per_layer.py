@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import check_ratio
 from .base import Allocator, keep_count
 
 
@@ -22,9 +23,9 @@ class PerLayerAllocator(Allocator):
     def __init__(self, ratios: Sequence[float] | None = None):
         if ratios is None:
             raise TypeError("the per_layer allocator needs its ratios: PerLayerAllocator(ratios=[r0, r1, ...])")
-        from ..press import _check_ratio
-
-        self.ratios = [_check_ratio(r) for r in ratios]
+        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
+            raise TypeError(f"ratios must be a list of ratios in [0, 1), one per decoder layer; got {ratios!r}")
+        self.ratios = [check_ratio(r) for r in ratios]
 
     def allocate(self, scores, valid, protected, ratio, layer_idx, layers) -> torch.Tensor:
         if layer_idx >= len(self.ratios):
@@ -33,6 +34,3 @@ class PerLayerAllocator(Allocator):
         counts = [max(keep_count(int(n), self.ratios[layer_idx]), int(p), 1)
                   for n, p in zip(valid.sum(-1).tolist(), protected.sum(-1).tolist())]
         return torch.tensor(counts, dtype=torch.long, device=scores.device)[:, None].expand(b, h).clone()
-
-    def __repr__(self) -> str:
-        return f"PerLayerAllocator(ratios={self.ratios})"

@@ -56,6 +56,3 @@ class PyramidAllocator(Allocator):
             per_layer = distribute(n_layers * free, weights, [lower] * n_layers, [n_real[row] - n_prot[row]] * n_layers)
             counts.append(n_prot[row] + per_layer[position])
         return torch.tensor(counts, dtype=torch.long, device=scores.device)[:, None].expand(b, h).clone()
-
-    def __repr__(self) -> str:
-        return f"PyramidAllocator(beta={self.beta})"

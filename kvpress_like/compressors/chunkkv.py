@@ -9,6 +9,10 @@ scoring.
 
 Chunks start at each row's first real token, so left padding in a batch does not shift them.
 
+The reused indices are run state: they live in the installation's per-prefill ``ctx.state`` (cleared when the next
+prefill starts), never on the press. Reuse needs the layer-by-layer flow, so ``reuse_group > 1`` is refused with
+model-scope allocators (which select every layer at once, after the whole prefill).
+
 Departures: to hit the exact budget, the last chunk that does not fit whole is filled with its best tokens
 (chunks are ranked first, tokens inside a chunk by their own score); protected tokens (the inner scorer's
 observation window) count against the budget like any other token.
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_int
 from ..press import LayerContext, Press, store
+from ..registry import create_press
 from .non_causal_attention import roll_rows
 from .snapkv import SnapKVPress
 
@@ -45,16 +51,20 @@ class ChunkKVPress(Press):
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
         if isinstance(self.scorer, str):
-            from ..registry import create_press
-
             self.scorer = create_press(self.scorer)
         if not isinstance(self.scorer, Press):
             raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
         for name in ("chunk_size", "reuse_group"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        self._reused: tuple | None = None  # (group, position tensor, indices, slot_valid)
+            check_int(name, getattr(self, name), minimum=1)
+
+    def check_supported(self) -> None:
+        """Raise when ``reuse_group > 1`` meets an allocator that would silently ignore it (model scope)."""
+        if self.reuse_group > 1 and (self.allocator_instance.scope == "model" or self.defers_selection):
+            raise ValueError(
+                f"ChunkKVPress(reuse_group={self.reuse_group}) reuses one layer's selection in the next layers, which "
+                f"needs a layer-scope allocator; allocator {self.allocator_instance.name!r} selects every layer at "
+                "once. Use reuse_group=1 with it, or a layer-scope allocator (uniform, pyramid, head_adaptive, ...)"
+            )
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         token = self.scorer.score(ctx).float().mean(1)  # [B, S]
@@ -76,12 +86,12 @@ class ChunkKVPress(Press):
         return (per_token + tie_break)[:, None, :].expand(b, ctx.keys.shape[1], s)
 
     def compress(self, ctx: LayerContext):
+        """Select (or reuse the selection of this layer's group, kept in ``ctx.state`` for this prefill) and store."""
         group = ctx.layer_idx // self.reuse_group
-        marker = ctx.position_embeddings[0]  # one tensor per forward: tells one prefill from the next
-        reused = self._reused
-        if reused is not None and reused[0] == group and reused[1] is marker and self.reuse_group > 1:
-            indices, slot_valid = reused[2], reused[3]
+        reused = ctx.state.get("chunkkv_reused")  # (group, indices [B, H, P], slot_valid [B, H, P])
+        if self.reuse_group > 1 and reused is not None and reused[0] == group:
+            indices, slot_valid = reused[1], reused[2]
         else:
             indices, slot_valid = self.select(ctx)
-            self._reused = (group, marker, indices, slot_valid)
+            ctx.state["chunkkv_reused"] = (group, indices, slot_valid)
         return store(ctx.keys, ctx.values, indices, slot_valid)

@@ -20,14 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import leverage_scores as fused_leverage_scores
+from ..kernels.linalg import gaussian_sketch, inverse_cholesky
 from ..press import LayerContext, Press
 from .snapkv import pool
-
-
-def gaussian_sketch(dim: int, sketch_size: int, seed: int, device) -> torch.Tensor:
-    """Seeded ``[dim, sketch_size]`` Gaussian matrix with entries ``N(0, 1/sketch_size)`` (fp32)."""
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(dim, sketch_size, generator=generator) / sketch_size**0.5).to(device)
 
 
 @torch.no_grad()  # scores carry no gradient
@@ -50,15 +45,6 @@ def leverage_scores(keys: torch.Tensor, valid: torch.Tensor, sketch_size: int = 
     sketch = gaussian_sketch(d, sketch_size, seed, keys.device) if sketch_size < d else None
     with torch.autocast(keys.device.type, enabled=False):  # fp32 products even inside an autocast region
         return _leverage(keys, valid, sketch)
-
-
-def inverse_cholesky(gram: torch.Tensor) -> torch.Tensor:
-    """``L^{-1}`` ``[..., k, k]`` for the regularised Gram matrix ``G + (1e-4 tr(G) / k + 1e-6) I = L L^T``."""
-    k = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    eye = torch.eye(k, device=gram.device, dtype=gram.dtype)
-    chol = torch.linalg.cholesky(gram + (1e-4 * trace / k + 1e-6) * eye)
-    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
 def _leverage(keys: torch.Tensor, valid: torch.Tensor, sketch: torch.Tensor | None) -> torch.Tensor:

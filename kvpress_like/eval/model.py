@@ -284,30 +284,8 @@ def load_model(path_or_default: str | Path = "default", dtype: torch.dtype | str
 
 
 def full_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes an uncompressed ``DynamicCache(config=config)`` holds after prefilling ``seq_len`` tokens.
+    """:func:`kvpress_like.cache.full_cache_bytes` (defined with the cache; imported when first used, so that importing
+    this module does not import transformers)."""
+    from ..cache import full_cache_bytes as full_bytes
 
-    Every layer stores keys and values ``[B, H_kv, L, D]``: ``L = seq_len`` for full-attention layers and
-    ``L = min(seq_len, sliding_window - 1)`` for sliding-window layers (what transformers' sliding cache layer keeps).
-    So the total is ``2 * B * H_kv * D * element_size * sum(L over layers)``.
-
-    Args:
-        config: the model config (a multimodal config's text config is used).
-        seq_len: number of prefilled tokens ``S``.
-        batch_size: ``B``.
-        dtype: dtype of the cached keys and values (the model's dtype).
-    """
-    from ..patches.base import layer_types
-
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    element = torch.empty((), dtype=dtype).element_size()
-    window = getattr(text, "sliding_window", None)
-    tokens = 0
-    for kind in layer_types(text):
-        if kind == "sliding_attention" and window:
-            tokens += min(seq_len, window - 1)
-        else:
-            tokens += seq_len
-    return 2 * batch_size * kv_heads * head_dim * element * tokens
+    return full_bytes(config, seq_len, batch_size, dtype)

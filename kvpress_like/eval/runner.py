@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..cache import CACHE_KWARG, CompressedLayer
+from ..cache import CACHE_KWARG, CompressedLayer, kept_fraction, prefill
+from ..checks import check_int
 from ..context import press as press_context
-from ..pipeline import answer_on_cache, encode_prompt, kept_fraction
+from ..pipeline import answer_on_cache, encode_prompt
 from ..press import Press
 
 FULL = "full"
@@ -53,10 +54,13 @@ class PressSpec:
 
     @classmethod
     def parse(cls, spec: str) -> PressSpec:
-        from ..cli import parse_press_args
+        from ..registry import parse_press_params
 
         name, _, rest = spec.partition(":")
-        params = parse_press_args([item for item in rest.split(",") if item]) if rest else {}
+        try:
+            params = parse_press_params([item for item in rest.split(",") if item]) if rest else {}
+        except ValueError as error:
+            raise ValueError(f"press spec {spec!r}: a parameter {error}") from error
         return cls(spec, name, tuple(sorted(params.items())))
 
     def create(self, ratio: float) -> Press:
@@ -86,13 +90,6 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_results(path: Path) -> dict[str, dict]:
     """Records of ``path`` (JSON lines) by :func:`cell_key`; a torn last line (an interrupted write) is ignored."""
     return {record["key"]: record for record in read_jsonl(path)}
-
-
-def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
-    """A cache holding ``context_ids`` ``[1, S]``, compressed if a press is installed on ``model``."""
-    cache = DynamicCache(config=model.config)
-    model(input_ids=context_ids, **{CACHE_KWARG: cache}, use_cache=True)
-    return cache
 
 
 def evaluate_task_sample(model, tokenizer, p: Press | None, sample, mode: str, max_new_tokens: int | None) -> dict:
@@ -302,7 +299,13 @@ def _prompt_ids(tokenizer, sample, mode: str, device) -> tuple[torch.Tensor, tor
     return context_ids.to(device), suffix_ids.to(device)
 
 
-def _check_grid(presses, ratios, tasks, lengths, samples, mode) -> list[PressSpec]:
+def check_grid(presses, ratios, tasks, lengths, samples, mode) -> list[PressSpec]:
+    """Check an evaluation grid before any model is loaded; returns the parsed press specs.
+
+    Raises:
+        ValueError: an unknown press or task, a press that cannot be built with its parameters, a ratio outside
+            [0, 1), a length below 64, a non-positive sample count or an unknown mode.
+    """
     from ..registry import list_presses
     from .tasks import TASKS
 
@@ -320,8 +323,7 @@ def _check_grid(presses, ratios, tasks, lengths, samples, mode) -> list[PressSpe
         raise ValueError(f"unknown task(s) {bad}; known: {', '.join((*TASKS, FIDELITY))}")
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in lengths):
         raise ValueError(f"lengths must be ints >= 64 (tokens); got {list(lengths)}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int; got {samples!r}")
+    check_int("samples", samples, minimum=1)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     return specs
@@ -375,7 +377,7 @@ def run_eval(
         ValueError: an unknown press, task or mode, a bad ratio, length or sample count.
     """
     presses, ratios, tasks, lengths = list(presses), [float(r) for r in ratios], list(tasks), list(lengths)
-    specs = _check_grid(presses, ratios, tasks, lengths, samples, mode)
+    specs = check_grid(presses, ratios, tasks, lengths, samples, mode)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS_FILE

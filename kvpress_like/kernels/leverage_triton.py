@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linalg import gaussian_sketch, inverse_cholesky
+
 _BLOCK_S = 32  # rows per block
 
 
@@ -130,13 +132,11 @@ def leverage_scores_triton(keys: torch.Tensor, valid: torch.Tensor, sketch_size:
         keys: ``[B, H, S, D]`` pre-RoPE keys, fp32, fp16 or bf16 (other dtypes are cast to fp32), any strides.
         valid: ``[B, S]`` bool, real tokens (others get score 0 and do not enter the statistics).
         sketch_size: ``k``, the sketch width; ``k >= D`` means exact leverage (no sketch).
-        seed: seed of the Gaussian sketch (the reference's :func:`~kvpress_like.compressors.leverage.gaussian_sketch`).
+        seed: seed of the Gaussian sketch (:func:`~kvpress_like.kernels.linalg.gaussian_sketch`, as the reference).
 
     Returns:
         ``[B, H, S]`` fp32 scores, each in ``[0, 1]``.
     """
-    from ..compressors.leverage import gaussian_sketch, inverse_cholesky
-
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         keys = keys.float()
     b, h, s, d = keys.shape
