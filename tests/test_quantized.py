@@ -39,7 +39,9 @@ def dequantized(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return inner._dequantize(inner._quantized_keys), inner._dequantize(inner._quantized_values)
 
 
-PRESSES = [name for name in list_presses() if name not in ("decoding", "calibrated")]
+# razor_attention stores ragged per-head layers, which a quantized cache cannot hold: it raises a clear error
+# (tests/test_razor_attention.py::test_quantized_cache_is_refused_clearly)
+PRESSES = [name for name in list_presses() if name not in ("decoding", "calibrated", "razor_attention")]
 
 
 @pytest.mark.parametrize("name", PRESSES)

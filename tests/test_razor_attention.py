@@ -294,3 +294,69 @@ def test_every_architecture(arch):
             want = [n if retrieval[row_in_profile, h] or w >= n - 4 else 4 + 1 + w
                     for h in range(layer.lengths.shape[1])]
             assert layer.lengths[b].tolist() == want
+
+
+# -- what the every-press matrices of test_scorers / test_quantized check, for this head policy ----------------------------
+class MaxTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (numel) any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_s_by_s_tensor_in_compression_or_profiling():
+    from kvpress_like.compressors.razor_attention import copy_attention
+
+    largest = {}
+
+    class Recorded(RazorAttentionPress):
+        def compress(self, ctx):
+            with MaxTensorRecorder() as rec:
+                layer = super().compress(ctx)
+            largest[ctx.keys.shape[2]] = max(largest.get(ctx.keys.shape[2], 0), rec.largest)
+            return layer
+
+    model = tiny_model("llama", num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                       max_position_embeddings=8192)
+    p = Recorded(ratio=0.3, profile_period=PERIOD, profile_repeats=REPEATS, induction_fraction=0.5)
+    for seq in (1024, 2048):
+        prefill(model, random_ids(seq, seed=seq), None, p)
+    assert largest[2048] < 2048 * 2048 / 2 and largest[2048] <= 2.2 * largest[1024], largest
+    profiled = {}
+    for t in (1024, 2048):
+        g = torch.Generator().manual_seed(t)
+        q, k = torch.randn(2, t, 16, generator=g), torch.randn(1, t, 16, generator=g)
+        with MaxTensorRecorder() as rec:
+            copy_attention(q, k, 0.25, 1, 256)
+        profiled[t] = rec.largest
+    assert profiled[2048] < 2048 * 2048 / 2 and profiled[2048] <= 2.2 * profiled[1024], profiled
+
+
+def test_same_input_same_cache():
+    model = make_model()
+    ids, mask = left_pad([random_ids(50, seed=11, vocab=512)[0], random_ids(37, seed=12, vocab=512)[0]])
+
+    def run():
+        p = RazorAttentionPress(ratio=0.5, profile_period=PERIOD, profile_repeats=REPEATS, induction_fraction=0.2)
+        return prefill(model, ids, mask, p)
+
+    for a, b in zip(run().layers, run().layers, strict=True):
+        assert torch.equal(a.lengths, b.lengths) and torch.equal(a.flat_keys, b.flat_keys)
+        assert torch.equal(a.flat_values, b.flat_values)
+
+
+def test_quantized_cache_is_refused_clearly():
+    from transformers import QuantizedCache
+
+    model = make_model()
+    p = RazorAttentionPress(ratio=0.5, profile_period=PERIOD, profile_repeats=REPEATS, induction_fraction=0.2)
+    with pytest.raises(ValueError, match="ragged layers"), press(model, p), torch.no_grad():
+        model(random_ids(40, seed=13, vocab=512), **{CACHE_KWARG: QuantizedCache(backend="fp8", config=model.config)})

@@ -48,7 +48,10 @@ from kvpress_like.press import LayerContext, select_top
 from kvpress_like.registry import architecture_for
 
 #: every registered prefill press ("decoding" and "calibrated" wrap a scorer: test_decoding.py, test_calibration.py)
-PREFILL_PRESSES = [name for name in kvpress_like.list_presses() if name not in ("decoding", "calibrated")]
+# razor_attention is a head policy without token scores (ragged layers with a compensation token); its determinism,
+# no-S x S and budget checks are in tests/test_razor_attention.py
+PREFILL_PRESSES = [name for name in kvpress_like.list_presses()
+                   if name not in ("decoding", "calibrated", "razor_attention")]
 F64 = torch.float64
 
 
