@@ -111,6 +111,8 @@ def naive_scores(queries, keys, key_valid, query_valid, scaling):
                 if not query_valid[row, i]:
                     continue
                 allowed = [j for j in range(total) if key_valid[row, j] and (j < n or j - n <= i)]
+                if not allowed:
+                    continue
                 logits = torch.stack([(queries[row, hq, i].double() @ keys[row, hq // groups, j].double()) * scaling
                                       for j in allowed])
                 weights = torch.softmax(logits, dim=0)

@@ -54,7 +54,7 @@ from torch import nn
 from ..cache import CACHE_KWARG, cache_in, full_keys_values
 from ..press import LayerContext, Press
 
-_SCORE_ELEMENTS = 1 << 24  # fp32 attention weights held at once while scoring one layer (64 MB)
+_SCORE_ELEMENTS = 1 << 22  # fp32 attention weights held at once while scoring one layer (16 MB)
 _MARKER = "\u2063kvzip\u2063"  # stands for the context when the chat template is applied to the instruction
 
 
@@ -82,22 +82,27 @@ def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, key_valid: 
     if total < r or h_q % h_kv:
         raise ValueError(f"keys [B, H_kv, N + R, D] {tuple(keys.shape)} do not fit queries {tuple(queries.shape)}")
     groups = h_q // h_kv
-    k = keys.float()
+    k_ctx, k_rep = keys[:, :, :n].float(), keys[:, :, n:].float()
     q = queries.float().view(b, h_kv, groups, r, d)
+    ctx_padding = None if bool(key_valid[:, :n].all()) else ~key_valid[:, None, None, None, :n]
     repeat_pos = torch.arange(r, device=keys.device)
     block = max(1, min(r, _SCORE_ELEMENTS // max(1, b * h_q * total)))
-    out = torch.zeros(b, h_kv, n, dtype=torch.float32, device=keys.device)
+    best = torch.full((b, h_kv, n), -math.inf, dtype=torch.float32, device=keys.device)
     for start in range(0, r, block):
         stop = min(r, start + block)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop], k) * scaling  # [B, H_kv, G, c, N + R]
-        causal = repeat_pos[None, :] <= repeat_pos[start:stop, None]  # [c, R]
-        allowed = torch.cat([key_valid[:, None, :n].expand(b, stop - start, n),
-                             key_valid[:, None, n:] & causal[None]], dim=-1)  # [B, c, N + R]
-        allowed = allowed & query_valid[:, start:stop, None]
-        logits = logits.masked_fill(~allowed[:, None, None], -math.inf)
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padding query (all masked) gives 0
-        out = torch.maximum(out, weights[..., :n].amax(dim=(2, 3)))
-    return out
+        qb = q[:, :, :, start:stop]
+        ctx = torch.einsum("bhgqd,bhkd->bhgqk", qb, k_ctx) * scaling  # [B, H_kv, G, c, N]
+        if ctx_padding is not None:
+            ctx = ctx.masked_fill(ctx_padding, -math.inf)
+        rep = torch.einsum("bhgqd,bhkd->bhgqk", qb, k_rep) * scaling  # [B, H_kv, G, c, R]
+        allowed = key_valid[:, None, n:] & (repeat_pos[None, :] <= repeat_pos[start:stop, None])[None]  # [B, c, R]
+        rep = rep.masked_fill(~allowed[:, None, None], -math.inf)
+        lse = torch.logaddexp(ctx.logsumexp(-1), rep.logsumexp(-1))  # [B, H_kv, G, c]: the softmax's normaliser
+        # a padding query, or one that sees no real entry, gives no score
+        lse = lse.masked_fill(~query_valid[:, None, None, start:stop] | (lse == -math.inf), math.inf)
+        ctx -= lse[..., None]  # log of the softmax weights of the context entries
+        best = torch.maximum(best, ctx.amax(dim=(2, 3)))
+    return best.exp()  # exp(-inf) = 0 where no real query saw a real entry
 
 
 @functools.lru_cache(maxsize=8)
