@@ -41,8 +41,8 @@ _PUBLIC = {
     ".patches.base": ("Architecture",),
     ".pipeline": ("answer_on_cache", "encode_prompt", "encode_question"),
     ".press": ("LayerContext", "Press"),
-    ".registry": ("create_press", "hookimpl", "list_allocators", "list_architectures", "list_plugins", "list_presses",
-                  "press_from_dict", "register_plugin", "unregister_plugin"),
+    ".registry": ("allocator_from_dict", "create_press", "hookimpl", "list_allocators", "list_architectures",
+                  "list_plugins", "list_presses", "press_from_dict", "register_plugin", "unregister_plugin"),
     ".saved_cache": ("load_cache", "save_cache"),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
@@ -151,6 +151,7 @@ __all__ = [
     "SnapKVPress",
     "StreamingLLMPress",
     "UniformAllocator",
+    "allocator_from_dict",
     "answer_on_cache",
     "cache_bytes",
     "chunked_prefill",

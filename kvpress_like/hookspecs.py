@@ -16,7 +16,8 @@ def register_presses(register):
     """Register presses: ``register(name, press_class)``.
 
     ``name`` is lower-case snake case (``"snapkv"``); ``press_class`` is a subclass of :class:`kvpress_like.Press`
-    whose constructor takes keyword arguments (``ratio=...``).
+    whose constructor takes keyword arguments (``ratio=...``). A press is configuration: run state goes on the
+    installation (``LayerContext.state``), never on the press.
     """
 
 
@@ -26,7 +27,9 @@ def register_allocators(register):
 
     ``allocator_class`` is a subclass of :class:`kvpress_like.Allocator`. ``allocator="name"`` constructs it with
     no arguments; an allocator that needs arguments (like ``per_layer``) raises a ``TypeError`` saying so and is
-    passed as an instance instead (``allocator=PerLayerAllocator(ratios=[...])``).
+    passed as an instance instead (``allocator=PerLayerAllocator(ratios=[...])``). It keeps each constructor argument
+    as a public attribute of the same name, so that it compares, hashes and serialises with its parameters
+    (``Allocator.to_dict`` / ``kvpress_like.registry.allocator_from_dict``).
     """
 
 
