@@ -12,6 +12,7 @@ never from the package's own helpers.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -21,6 +22,7 @@ from tiny_models import (
     SLIDING_ARCHITECTURES,
     cached_tiny_model,
     full_attention_layers,
+    left_pad,
     perturb_norm_weights,
     prefill,
     random_ids,
@@ -385,6 +387,55 @@ print(json.dumps(out))
     assert "gpt_neox" not in disabled["architectures"] and "olmo2" not in disabled["architectures"]
     assert disabled["imported"] == []
     assert "unsupported model type 'gpt_neox'" in disabled["error"] and "register_architectures" in disabled["error"]
+
+
+# -- every registered press on the plugin families ---------------------------------------------------------------------
+UNPADDED_ONLY = ("fastkv",)  # token propagation keeps as many tokens in every row: rows of equal length only
+
+
+@pytest.mark.parametrize("name", [n for n in kvpress_like.list_presses() if n not in ("calibrated", "decoding")])
+@pytest.mark.parametrize("arch", PLUGIN_ARCHITECTURES)
+def test_every_registered_press_generates_on_plugin_families(arch, name):
+    """Each registered press (its defaults, protected window cut to 8) compresses a left-padded batch of two prompts
+    (40 and 29 real tokens; equal rows for presses that need them) and generates 3 tokens: positions stay logical,
+    no layer keeps more KV pairs than the context's real ones and the model keeps fewer. (``calibrated`` needs a
+    calibration fitted for the model; ``decoding`` is checked below.)"""
+    model = model_for(arch)
+    lengths = (40, 40) if name in UNPADDED_ONLY else (40, 29)
+    ids, mask = left_pad([random_ids(n, seed=30 + row)[0] for row, n in enumerate(lengths)])
+    p = kvpress_like.create_press(name, ratio=0.5)
+    if p.window > 8:
+        p = kvpress_like.create_press(name, ratio=0.5, window=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # kvzip: no tokenizer for a tiny model
+        with torch.no_grad(), press(model, p):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
+                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 40 + 3)
+    assert out.cache.get_seq_length() == 40 + 2
+    real = sum(lengths) * kv_heads(model.config)  # the context's real KV pairs of one layer
+    kept_per_layer = []
+    for idx in full_attention_layers(model.config):
+        kept, total = out.cache.layers[idx].kept_entries()
+        assert total == 2 * kv_heads(model.config) * 40
+        assert 0 < kept <= real, f"layer {idx} kept {kept} of {real}"
+        kept_per_layer.append(kept)
+    assert sum(kept_per_layer) < real * len(kept_per_layer)  # (a head policy may keep a whole layer, not all)
+
+
+@pytest.mark.parametrize("arch", PLUGIN_ARCHITECTURES)
+def test_decoding_press_and_chunked_prefill_on_plugin_families(arch):
+    """Decoding-time compression and chunked prefill read the attention module's inputs through the architecture too
+    (GPT-NeoX passes its hidden states positionally and its cache as ``layer_past``)."""
+    model = model_for(arch)
+    ids = random_ids(40, seed=33)
+    with torch.no_grad(), press(model, kvpress_like.DecodingPress(scorer=KnormPress(), target=16, interval=8)):
+        out = model.generate(ids, do_sample=False, max_new_tokens=20, return_dict_in_generate=True)
+    for layer in out.cache.layers:
+        assert 16 <= layer.keys.shape[2] < 24 and layer.get_seq_length() == 40 + 19
+    cache = kvpress_like.chunked_prefill(model, KnormPress(ratio=0.5), ids, chunk_size=16)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [20] * model.config.num_hidden_layers
+    assert cache.get_seq_length() == 40
 
 
 # -- every layer sliding-window (Mistral-7B-v0.1 style): compressed when the prefill fits in the window ----------------
