@@ -17,14 +17,17 @@ import pytest
 PACKAGE = "kvpress_like"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 TOP = ("kvpress_like.eval", "kvpress_like.cli", "kvpress_like.pipeline")  # what the core must not import
-NOT_CORE = (*TOP, "kvpress_like.__main__", "kvpress_like.calibration")  # calibration is above context (DESIGN.md)
+NOT_CORE = (*TOP, "kvpress_like.__main__")
 
-# Known exceptions, each named, until their owner removes them. calibration.py (the calibration agent of issue 15
-# removes its upward imports and private uses; its module is not core here, see NOT_CORE): it uses the context's
-# `_ModelScope` (an alias kept there for it), and the runner its `_ScoreRecorder` (public `ScoreRecorder` in that
-# agent's change). Entries that no longer occur are harmless.
+# Known exceptions, each named, until their owner removes them: calibration.py, whose upward imports (eval, pipeline)
+# and private uses the calibration agent of issue 15 is removing: it uses the context's `_ModelScope` (an alias kept
+# there for it), the runner uses its `_ScoreRecorder` (public `ScoreRecorder` in that change). Entries that no longer
+# occur are harmless; delete them once that change has landed.
 KNOWN_PRIVATE = {("kvpress_like.calibration", "kvpress_like.context", "_ModelScope"),
                  ("kvpress_like.eval.runner", "kvpress_like.calibration", "_ScoreRecorder")}
+KNOWN_UPWARD = {("kvpress_like.calibration", "kvpress_like.eval.fidelity"),
+                ("kvpress_like.calibration", "kvpress_like.eval.tasks"),
+                ("kvpress_like.calibration", "kvpress_like.pipeline")}
 
 
 def module_name(path: Path) -> str:
@@ -145,7 +148,7 @@ def test_no_private_name_of_another_module():
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n != PACKAGE and not n.startswith(NOT_CORE)))
 def test_core_does_not_import_the_layers_above(name):
-    upward = sorted(t for t in GRAPH[name][0] if t.startswith(TOP))
+    upward = sorted(t for t in GRAPH[name][0] if t.startswith(TOP) and (name, t) not in KNOWN_UPWARD)
     assert not upward, f"{name} imports {upward}: the core must not depend on eval, cli or pipeline"
 
 
