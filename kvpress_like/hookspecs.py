@@ -37,6 +37,8 @@ def register_allocators(register):
 def register_architectures(register):
     """Register architecture families: ``register(architecture)``.
 
-    ``architecture`` is a :class:`kvpress_like.Architecture`; it is used for every ``config.model_type`` listed in
-    its ``model_types``.
+    ``architecture`` is a :class:`kvpress_like.Architecture` (a subclass overrides what differs from the default
+    layout: layer discovery, call arguments, projections, the fused-projection split, q/k norms, scale); it is used for
+    every ``config.model_type`` listed in its ``model_types``. ``kvpress_like.plugins.gpt_neox`` and
+    ``kvpress_like.plugins.olmo2`` are examples.
     """
