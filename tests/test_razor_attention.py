@@ -41,7 +41,7 @@ def make_model(arch="llama", attn="sdpa", seed=0):
     return tiny_model(arch, attn, seed=seed, initializer_range=0.2, vocab_size=512)
 
 
-# -- head profile -------------------------------------------------------------------------------------------------------
+# -- head profile ------------------------------------------------------------------------------------------------------
 def naive_profile(model, period, repeats, seed):
     """Echo / induction scores from the full eager attention maps, by explicit loops over heads, queries and keys."""
     ids, offset = profiling_ids(model.config, period, repeats, seed)
@@ -99,7 +99,7 @@ def test_retrieval_heads_are_the_union_of_the_top_fractions():
     assert not retrieval_heads(HeadProfile((0,), echo[:1], induction[:1], 10), 0.0, 0.0).any()
 
 
-# -- budget --------------------------------------------------------------------------------------------------------------
+# -- budget ------------------------------------------------------------------------------------------------------------
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 400), ratio=st.floats(0.01, 0.95), heads=st.integers(1, 40), data=st.data(),
        n_sink=st.integers(0, 8), window=st.integers(0, 50), compensation=st.booleans())
@@ -119,7 +119,7 @@ def test_recent_window_fills_the_budget(n, ratio, heads, data, n_sink, window, c
         return
     assert 0 <= w <= n - sinks
     total = n_retrieval * n + (heads - n_retrieval) * entries(w)
-    if w > window and w < n - sinks:  # set by the budget: it fits, and one more recent token does not (or costs nothing)
+    if window < w < n - sinks:  # set by the budget: it fits, and one more recent token does not (or costs nothing)
         assert total <= budget
         more = n_retrieval * n + (heads - n_retrieval) * entries(w + 1)
         assert more > budget or entries(w + 1) == entries(w)
@@ -127,7 +127,7 @@ def test_recent_window_fills_the_budget(n, ratio, heads, data, n_sink, window, c
         assert recent_window(n, ratio, n_retrieval, heads, n_sink, 0, compensation) <= window
 
 
-# -- the compressed layers -----------------------------------------------------------------------------------------------
+# -- the compressed layers ---------------------------------------------------------------------------------------------
 def head_entries(layer: RaggedLayer):
     """``{(b, h): (keys [n, D], values [n, D])}`` of a ragged layer's compressed part."""
     lengths = layer.lengths
@@ -242,7 +242,7 @@ def test_plain_attention_outside_the_block_is_refused():
         model(random_ids(2, seed=7, vocab=512), **{CACHE_KWARG: cache})
 
 
-# -- errors --------------------------------------------------------------------------------------------------------------
+# -- errors ------------------------------------------------------------------------------------------------------------
 def test_errors():
     with pytest.raises(ValueError, match="allocator"):
         RazorAttentionPress(ratio=0.5, allocator="pyramid")
@@ -265,7 +265,7 @@ def test_errors():
         RazorAttentionPress(ratio=0.5).compress(ctx)
 
 
-# -- every architecture --------------------------------------------------------------------------------------------------
+# -- every architecture ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_every_architecture(arch):
     """Default settings (256 x 4 profiling tokens) on a left-padded batch: compressible layers become ragged layers
@@ -296,7 +296,7 @@ def test_every_architecture(arch):
             assert layer.lengths[b].tolist() == want
 
 
-# -- what the every-press matrices of test_scorers / test_quantized check, for this head policy ----------------------------
+# -- what the every-press matrices of test_scorers / test_quantized check, for this head policy ------------------------
 class MaxTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the largest tensor (numel) any aten op returns."""
 

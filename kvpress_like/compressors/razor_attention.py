@@ -328,8 +328,8 @@ class RazorAttentionPress(Press):
         owner = _OWNERS.get(ctx.module)
         model = owner[0]() if owner is not None else None
         if model is None:
-            raise RuntimeError("RazorAttentionPress finds its retrieval heads when installed on a model: use it through "
-                               "press(model, p) (or `with p(model):`)")
+            raise RuntimeError("RazorAttentionPress finds its retrieval heads when installed on a model: use it "
+                               "through press(model, p) (or `with p(model):`)")
         retrieval = self.retrieval_heads(model)
         n_heads, n_retrieval = retrieval.numel(), int(retrieval.sum())
         windows = [recent_window(int(n), self.ratio, n_retrieval, n_heads, self.n_sink, self.window, self.compensation)
