@@ -17,8 +17,10 @@ Departures from the paper and its public code:
 * The last complete partition and the incomplete remainder have no reference partition; the paper keeps them
   uncompressed as a sliding window. Here they score above every partition token (``1 + value_weight`` plus a bonus
   growing with recency), so they are kept first while the budget allows, the most recent first when it does not.
-* The prefill is scored once, as a whole; the paper's recursive compression every ``lag_size`` decoded tokens is
-  not done (keys and values appended after the prefill are never compressed by this press).
+* The prefill is scored once, as a whole, after its attention saw every token (the authors' prefill recipe feeds
+  the prompt in ``lag_size`` chunks, so later prompt tokens already attend to compressed partitions); the recursive
+  compression every ``lag_size`` decoded tokens is not done (tokens appended after the prefill are never
+  compressed by this press).
 * ``max - min`` is clamped to ``1e-6`` (a channel constant over the reference partition would otherwise divide by
   zero); the standard deviation is the unbiased one, as in the public code.
 * Keys are scored as cached (after RoPE), as in the public code; the defaults (``n_sink = 16``, ``lag_size =
