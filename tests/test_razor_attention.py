@@ -360,3 +360,13 @@ def test_quantized_cache_is_refused_clearly():
     p = RazorAttentionPress(ratio=0.5, profile_period=PERIOD, profile_repeats=REPEATS, induction_fraction=0.2)
     with pytest.raises(ValueError, match="ragged layers"), press(model, p), torch.no_grad():
         model(random_ids(40, seed=13, vocab=512), **{CACHE_KWARG: QuantizedCache(backend="fp8", config=model.config)})
+
+
+def test_profile_without_bos_token():
+    model = tiny_model("llama", "eager", initializer_range=0.2, vocab_size=512, bos_token_id=None)
+    ids, offset = profiling_ids(model.config, PERIOD, REPEATS, seed=2)
+    assert offset == 0 and ids.shape == (1, PERIOD * REPEATS)
+    profile = profile_heads(model, PERIOD, REPEATS, seed=2)
+    echo, induction = naive_profile(model, PERIOD, REPEATS, seed=2)
+    torch.testing.assert_close(profile.echo, echo, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(profile.induction, induction, rtol=1e-4, atol=1e-6)
