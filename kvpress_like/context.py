@@ -26,7 +26,6 @@ reused indices). One press may so be installed on several models at once, each w
 
 from __future__ import annotations
 
-import inspect
 import threading
 import weakref
 from contextlib import contextmanager
@@ -154,11 +153,7 @@ class LayerHooks:
         """``(cos, sin)`` of this layer's RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``."""
         if self.rotary_emb is None:
             raise ValueError("this model exposes no `rotary_emb` module; the scorer needs RoPE tables")
-        args = (hidden[:1, :1], positions[None].to(hidden.device))
-        layer_type = getattr(module, "layer_type", None)
-        if "layer_type" in inspect.signature(self.rotary_emb.forward).parameters:
-            return self.rotary_emb(*args, layer_type=layer_type)
-        return self.rotary_emb(*args)
+        return self.arch.rope_tables(self.rotary_emb, module, hidden, positions)
 
     def before(self, module: nn.Module, args, kwargs):
         if not self.in_owner_thread():

@@ -206,7 +206,6 @@ def test_pre_rope_queries_and_keys_are_the_models_own(arch, monkeypatch):
     module's ``apply_rotary_pos_emb``) are bit-identical to what the :class:`Architecture` recomputes from the module's
     input hidden states, and to what it derives from the captured projection output; its RoPE function and RoPE tables
     turn them into exactly the model's post-RoPE queries and keys."""
-    import inspect
     import sys
 
     model = model_for(arch)
@@ -242,7 +241,7 @@ def test_pre_rope_queries_and_keys_are_the_models_own(arch, monkeypatch):
     assert len(rope_calls) == len(inputs) == len(attentions)
 
     rotary = registry_arch.rotary_embedding(model)
-    positions = torch.arange(12)[None]
+    positions = torch.arange(12)
     with torch.no_grad():
         for i, (attn, hidden, (q, k, cos, sin, q_rot, k_rot)) in enumerate(zip(attentions, inputs, rope_calls)):
             pre_q = registry_arch.pre_rope_queries(attn, hidden)
@@ -254,10 +253,7 @@ def test_pre_rope_queries_and_keys_are_the_models_own(arch, monkeypatch):
             assert torch.equal(registry_arch.from_projection(attn, projected[i, "k"], "k"), k)
             got_q, got_k = registry_arch.apply_rope(pre_q, pre_k, cos, sin)
             assert torch.equal(got_q, q_rot) and torch.equal(got_k, k_rot)
-            extra = {}
-            if "layer_type" in inspect.signature(rotary.forward).parameters:
-                extra["layer_type"] = getattr(attn, "layer_type", None)
-            tables = rotary(hidden, positions, **extra)
+            tables = registry_arch.rope_tables(rotary, attn, hidden, positions)  # Gemma3: per layer type
             assert torch.equal(tables[0], cos) and torch.equal(tables[1], sin)
             assert registry_arch.scaling(attn) == attn.scaling
 

@@ -16,6 +16,7 @@ methods that differ; a plugin registers it with the ``register_architectures`` h
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,16 @@ class Architecture:
         ``None`` when the model has none."""
         base = model.get_decoder() if hasattr(model, "get_decoder") else model
         return getattr(base, "rotary_emb", None)
+
+    def rope_tables(self, rotary: nn.Module, attn: nn.Module, like: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of attention module ``attn``'s RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``,
+        from ``rotary`` (:meth:`rotary_embedding`); ``like`` gives the dtype and device. A rotary module that takes a
+        ``layer_type`` (Gemma3: local and global layers rotate differently) gets the module's."""
+        args = (like[:1, :1], positions[None].to(like.device))
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            return rotary(*args, layer_type=getattr(attn, "layer_type", None))
+        return rotary(*args)
 
     def compressible_layers(self, config) -> list[int]:
         """Indices of the layers a press compresses: those with full attention; in a model whose every layer is
