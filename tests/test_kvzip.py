@@ -335,3 +335,15 @@ def test_prefill_is_never_rerun_only_the_reconstruction_inputs(tokenizer_dir):
     post = len(tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
     assert lengths == [n, first + post + chunk, later + 8 + post + chunk, later + 8 + post + n - 2 * chunk]
     assert math.ceil(n / chunk) == len(lengths) - 1
+
+
+def test_registered_and_round_trips_through_json():
+    import json
+
+    from kvpress_like import create_press, list_presses
+
+    assert "kvzip" in list_presses()
+    original = create_press("kvzip", ratio=0.75, allocator="head_adaptive", chunk_size=512, tokenizer="/some/dir")
+    description = json.loads(json.dumps(original.to_dict()))
+    assert description["press"] == "kvzip" and description["chunk_size"] == 512
+    assert create_press(description.pop("press"), **description) == original
