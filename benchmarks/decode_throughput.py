@@ -170,10 +170,10 @@ def split_step(model, config: Config, steps: int) -> dict[str, float]:
     cache_type = type(config.cache)
     with ExitStack() as stack, torch.no_grad():
         # patched before the press is entered, so the hooks it registers are the timed methods
-        stack.enter_context(patched(press_context._LayerHooks, "before",
-                                    split.wrap("press hooks", press_context._LayerHooks.before)))
-        stack.enter_context(patched(press_context._LayerHooks, "after",
-                                    split.wrap("press hooks", press_context._LayerHooks.after)))
+        stack.enter_context(patched(press_context.LayerHooks, "before",
+                                    split.wrap("press hooks", press_context.LayerHooks.before)))
+        stack.enter_context(patched(press_context.LayerHooks, "after",
+                                    split.wrap("press hooks", press_context.LayerHooks.after)))
         for cls in (CompressedLayer, RaggedLayer):
             stack.enter_context(patched(cls, "attention_mask", split.wrap("layer mask", cls.attention_mask)))
         stack.enter_context(patched(cache_type, "update", split.wrap("cache update", cache_type.update)))
