@@ -124,6 +124,10 @@ class _Propagation:
             x = x.expand(b, *x.shape[1:])
             return x.gather(1, idx.view(b, t, *[1] * (x.ndim - 2)).expand(b, t, *x.shape[2:]))
 
+        if not isinstance(kwargs.get("position_embeddings"), tuple):
+            raise ValueError(f"FastKV: decoder layer {self.tsp_layer} was not given its RoPE tables as the keyword "
+                             "position_embeddings=(cos, sin); token propagation supports decoder loops that pass "
+                             "position_embeddings, position_ids and attention_mask by keyword (Llama-style)")
         cos, sin = kwargs["position_embeddings"]
         gathered = {"position_embeddings": (rows(cos), rows(sin))}
         if kwargs.get("position_ids") is not None:
