@@ -13,10 +13,12 @@ class Phi3Architecture(Architecture):
     ``H_kv * D``."""
 
     def projection_module(self, attn: nn.Module, which: str) -> nn.Module:
+        """The fused ``qkv_proj`` (the same module for queries and keys)."""
         check_which(which)
         return attn.qkv_proj
 
     def split_projection(self, attn: nn.Module, output: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, S, H * D]``: the queries' or keys' columns of ``qkv_proj``'s output ``[B, S, (H_q + 2 H_kv) D]``."""
         check_which(which)
         n_q = self.num_heads(attn, "q") * self.head_dim(attn)
         n_k = self.num_heads(attn, "k") * self.head_dim(attn)

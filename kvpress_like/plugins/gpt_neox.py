@@ -36,19 +36,25 @@ class GPTNeoXArchitecture(Architecture):
         return decoder_layer.attention
 
     def attention_inputs(self, args: tuple, kwargs: dict) -> dict:
+        """The decoder layer passes the hidden states positionally and the cache as ``layer_past``: renamed
+        ``cache``."""
         if "layer_past" in kwargs:
             kwargs = {**kwargs, "cache": kwargs["layer_past"]}
             del kwargs["layer_past"]
         return super().attention_inputs(args, kwargs)
 
     def head_dim(self, attn: nn.Module) -> int:
+        """``hidden_size // num_attention_heads`` (``head_size``)."""
         return attn.head_size
 
     def projection_module(self, attn: nn.Module, which: str) -> nn.Module:
+        """The fused ``query_key_value`` (the same module for queries and keys)."""
         _check(which)
         return attn.query_key_value
 
     def split_projection(self, attn: nn.Module, output: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, S, H * D]``: the queries' or keys' ``D`` outputs of every head out of ``query_key_value``'s output
+        ``[B, S, H * 3D]``, whose head ``h`` holds ``[q_h | k_h | v_h]``."""
         _check(which)
         d = self.head_dim(attn)
         per_head = output.unflatten(-1, (self.num_heads(attn, "q"), 3 * d))  # [B, S, H, 3D]
