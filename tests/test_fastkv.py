@@ -273,3 +273,17 @@ def test_refusals():
         chunked_prefill(model, FastKVPress(ratio=0.5), ids[:1], chunk_size=8)
     with pytest.raises(RuntimeError, match="installed with press"):
         FastKVPress(ratio=0.5).compress(layer_context(model, torch.zeros(1, 4, 5, 16), torch.zeros(1, 2, 5, 16)))
+
+
+def test_cache_gives_the_same_next_token_outside_the_block():
+    model = model_of("llama")
+    ids = random_ids(41, seed=13)
+    with torch.no_grad():
+        with press(model, FastKVPress(ratio=0.75, tsp_layer=1)):
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :40], **{CACHE_KWARG: cache})
+            inside = model(ids[:, 40:], **{CACHE_KWARG: cache}).logits
+        cache.crop(-1)
+        outside = model(ids[:, 40:], **{CACHE_KWARG: cache}).logits
+    torch.testing.assert_close(outside, inside)
+    assert cache.get_seq_length() == 41
