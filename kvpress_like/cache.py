@@ -361,6 +361,23 @@ class CompressedLayer(DynamicLayer):
         layer.compressed_length = record["compressed_length"]
         return layer
 
+    def row_stack_key(self) -> tuple | None:
+        """A key equal for one-row layers that :meth:`stack_rows` can stack into one batch (same shapes and lengths),
+        ``None`` when this layer cannot be stacked (more than one row, or a subclass with more state)."""
+        if type(self) is not CompressedLayer or self.valid.shape[0] != 1:
+            return None
+        return (tuple(self.keys.shape), self.logical_length, self.compressed_length)
+
+    @classmethod
+    def stack_rows(cls, layers: list[CompressedLayer]) -> CompressedLayer:
+        """One layer whose batch rows are those of ``layers`` (all with one :meth:`row_stack_key`)."""
+        if len({layer.row_stack_key() for layer in layers}) != 1 or layers[0].row_stack_key() is None:
+            raise ValueError("stack_rows takes one-row dense compressed layers of the same shapes and lengths")
+        stacked = cls(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
+                      torch.cat([layer.valid for layer in layers]), layers[0].logical_length)
+        stacked.compressed_length = layers[0].compressed_length
+        return stacked
+
     @classmethod
     def check_record(cls, record: dict, batch: int, heads: int, head_dim: int, length: int) -> None:
         """Raise ``ValueError("<field>: <what is allowed>")`` unless ``record`` fits a model with ``heads`` KV heads

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..cache import CACHE_KWARG, CompressedLayer, kept_fraction, prefill
+from ..cache import CACHE_KWARG, kept_fraction, prefill
 from ..checks import check_int
 from ..context import press as press_context
 from ..pipeline import answer_on_cache, encode_prompt
@@ -250,22 +250,15 @@ def stackable_groups(caches) -> list[list[int]]:
     one-row dense compressed layer, the same shapes and lengths across the group. Other caches form groups of one."""
     groups: dict = {}
     for i, cache in enumerate(caches):
-        layers = cache.layers
-        if all(type(layer) is CompressedLayer and layer.keys.shape[0] == 1 for layer in layers):
-            key = tuple((tuple(layer.keys.shape), layer.logical_length, layer.compressed_length) for layer in layers)
-        else:
-            key = ("alone", i)
-        groups.setdefault(key, []).append(i)
+        keys = tuple(layer.row_stack_key() if hasattr(layer, "row_stack_key") else None for layer in cache.layers)
+        groups.setdefault(keys if None not in keys else ("alone", i), []).append(i)
     return list(groups.values())
 
 
 def stack_caches(caches) -> DynamicCache:
     """One cache whose batch rows are the rows of ``caches`` (a group of :func:`stackable_groups`)."""
     out = DynamicCache()
-    out.layers = [CompressedLayer(torch.cat([c.layers[i].keys for c in caches]),
-                                  torch.cat([c.layers[i].values for c in caches]),
-                                  torch.cat([c.layers[i].valid for c in caches]), caches[0].layers[i].logical_length)
-                  for i in range(len(caches[0].layers))]
+    out.layers = [type(layers[0]).stack_rows(list(layers)) for layers in zip(*(c.layers for c in caches))]
     return out
 
 
