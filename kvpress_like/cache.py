@@ -343,7 +343,9 @@ class CompressedLayer(DynamicLayer):
 
     def kept_entries(self) -> tuple[int, int]:
         """``(kept, total)``: KV pairs of the compressed context kept by the layer and the context's KV pairs, over
-        rows and KV heads (tokens appended after compression count in neither)."""
+        rows and KV heads (tokens appended after compression count in neither; ``(0, 0)`` after :meth:`reset`)."""
+        if self.valid is None or self.compressed_length == 0:
+            return 0, 0
         heads = self.num_kv_heads
         kept = int(self.valid[:, :self.compressed_length].sum()) * heads
         appended = self.physical_length - self.compressed_length
