@@ -126,16 +126,14 @@ def plain_fastkv_prefill(model, ids, tsp_layer, t, window=8, kernel=7, pooling="
     hidden = model.model.embed_tokens(ids)
     positions = torch.arange(s)[None].expand(b, s)
     for i, layer in enumerate(model.model.layers):
-        if i == tsp_layer + 1:
-            chosen = naive_tsp_selection(model, tsp_layer, tsp_input, positions, window, kernel, pooling, t)
-            hidden = hidden.gather(1, chosen[..., None].expand(b, t, hidden.shape[-1]))
-            positions = positions.gather(1, chosen)
-        if i == tsp_layer:
-            tsp_input = hidden
-        n = hidden.shape[1]
+        layer_input, n = hidden, hidden.shape[1]
         causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
         hidden = layer(hidden, attention_mask=causal, position_ids=positions,
                        position_embeddings=rope(model, hidden, positions))
+        if i == tsp_layer:  # the layer's output, at the tokens its own attention selected, goes on
+            chosen = naive_tsp_selection(model, i, layer_input, positions, window, kernel, pooling, t)
+            hidden = hidden.gather(1, chosen[..., None].expand(b, t, hidden.shape[-1]))
+            positions = positions.gather(1, chosen)
     return model.lm_head(model.model.norm(hidden))[:, -1], chosen
 
 

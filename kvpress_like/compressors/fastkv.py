@@ -226,8 +226,8 @@ class FastKVPress(Press):
         if self.tsp_rate is None:
             return max(0.2, keep)
         if self.tsp_rate < keep:
-            raise ValueError(f"tsp_rate ({self.tsp_rate:g}) must be at least 1 - ratio ({keep:g}): deeper layers can only "
-                             "keep KV of propagated tokens")
+            raise ValueError(f"tsp_rate ({self.tsp_rate:g}) must be at least 1 - ratio ({keep:g}): deeper layers can "
+                             "only keep KV of propagated tokens")
         return float(self.tsp_rate)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -268,7 +268,8 @@ class FastKVPress(Press):
         from ..registry import architecture_for
 
         arch = architecture_for(model.config)
-        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        config = model.config
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         if any(kind != "full_attention" for kind in layer_types(config)):
             raise ValueError(f"FastKV supports only models whose every layer is full attention; "
                              f"{type(model).__name__} has sliding-window layers (token propagation would need each "
