@@ -19,6 +19,8 @@ class Olmo2Architecture(Architecture):
     """OLMo2: ``q_norm``/``k_norm`` over the full projection width, then the split into heads."""
 
     def to_heads(self, attn: nn.Module, flat: torch.Tensor, which: str) -> torch.Tensor:
+        """``[B, H, S, D]``: ``q_norm``/``k_norm`` applied to the whole projection ``flat`` ``[B, S, H * D]``, then
+        split into heads."""
         if which not in ("q", "k"):
             raise ValueError(f"which must be 'q' (queries) or 'k' (keys); got {which!r}")
         normed = getattr(attn, f"{which}_norm")(flat)  # [B, S, H * D]
