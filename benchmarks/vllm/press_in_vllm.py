@@ -89,10 +89,10 @@ def run_answers(args) -> None:
                   f"{run['blocks_after_first_decode']}  {run['seconds']:6.1f} s  {run['text'][:40]!r}  "
                   f"(expected {answers[0]})", flush=True)
         records.append(record)
+        result = {"length": args.length, "ratio": args.ratio, "new_tokens": args.new_tokens,
+                  "block_size": args.block_size, "presses": args.presses, "samples": records}
+        Path(args.out).write_text(json.dumps(result), encoding="utf-8")  # after every sample: a partial run counts
     integration.install(None)
-    result = {"length": args.length, "ratio": args.ratio, "new_tokens": args.new_tokens, "block_size": args.block_size,
-              "presses": args.presses, "samples": records}
-    Path(args.out).write_text(json.dumps(result), encoding="utf-8")
     print(f"wrote {args.out}")
 
 
