@@ -25,9 +25,11 @@ Departures from the paper and its official code (snu-mllab/KVzip):
 * Protected tokens: the first ``n_sink`` (4) context tokens are always kept; the official code instead never evicts
   the whole system prompt, which this press cannot tell apart from the context. The whole prefill (chat-template
   header included) is reconstructed and scored.
-* Budgets: the default allocator is ``uniform`` (the paper's "pair-uniform"); the paper's default ``pair`` level, one
-  threshold over all layers and heads, is not offered; ``head_adaptive`` gives non-uniform head budgets per layer.
-  The context-independent head-level variant is not implemented.
+* Budgets: the default allocator is ``uniform`` (the paper's "pair-uniform", so that the press keeps dense layers like
+  every other default). The paper's default ``pair`` level, one threshold over all layers and heads, is not offered;
+  ``allocator="head_adaptive"`` (non-uniform head budgets within a layer) or ``"kvcompose"`` (non-uniform layer
+  budgets) come closest and are the recommended settings (docs/presses.md gives what was observed). The
+  context-independent head-level variant is not implemented.
 * The chunk size defaults to 2048 tokens (2000 in the official code); the weights are computed in fp32 (model dtype
   in the official code).
 * The repeat instruction is tokenized with the model's tokenizer, found in ``tokenizer`` or else in the model's
@@ -83,7 +85,7 @@ def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, key_valid: 
         raise ValueError(f"keys [B, H_kv, N + R, D] {tuple(keys.shape)} do not fit queries {tuple(queries.shape)}")
     groups = h_q // h_kv
     k_ctx, k_rep = keys[:, :, :n].float(), keys[:, :, n:].float()
-    q = queries.float().view(b, h_kv, groups, r, d)
+    q = queries.float().reshape(b, h_kv, groups, r, d)
     ctx_padding = None if bool(key_valid[:, :n].all()) else ~key_valid[:, None, None, None, :n]
     repeat_pos = torch.arange(r, device=keys.device)
     block = max(1, min(r, _SCORE_ELEMENTS // max(1, b * h_q * total)))
