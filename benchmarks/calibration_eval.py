@@ -1,131 +1,290 @@
-"""Context-calibrated Compactor versus fixed-ratio Compactor at the same average kept fraction.
+"""Does choosing the ratio per context (``ratio="auto"``) beat one fixed ratio at the same mean memory?
 
-On evaluation samples (seed 0; calibration used seed 1,000,003, so no sample is shared, and several task types were
-never used for fitting), for each context length: one prefill per sample records Compactor's scores and the context's
-NLL; the calibrated press's ratio for that context is derived from the shipped (or ``--calibration``) parameters;
-the fixed press uses one ratio for every sample, ``1 - mean kept fraction`` of the calibrated one. Both caches are
-built from the same recorded scores, then each answers greedily; the full cache answers too.
+Two steps, so that the expensive one never depends on a fit:
 
-Reported per length and quality target (``--quality``; several share the prefills): mean kept fraction, task score
-(RULER string match) of full / calibrated / fixed, the score relative to the full cache's, and the NLL-ratio
-quality (``NLL(answer | full) / NLL(answer | compressed)``, the quality the calibration predicts) averaged over
-samples.
+``run``: on held-out samples (seed 0 by default; calibration files are fitted on seeds from 1,000,003), one prefill
+per context records each press's scores, the context's NLL and the score statistics
+(:func:`kvpress_like.calibration.score_statistics`); then the full cache is compressed from those scores at every
+retention of a grid (0.1 steps to 0.5, then 0.05 steps) and, at each, the greedy answer is scored (RULER string
+match) and the answer's teacher-forced NLL measured; every grid cache of a context is decoded as one padded batch.
+One JSON line per context, appended as it finishes (an interrupted run resumes).
+
+``report``: for each quality target, the calibrated press's retention for each context comes from a calibration file
+(rounded to the nearest grid retention); the fixed press uses the ratio giving the same mean kept fraction over the
+set; where that falls between two grid retentions, each context's fixed score is interpolated linearly between them
+(the expected score of a fixed press drawing one of the two ratios with the probabilities that give that mean). The
+oracle picks each context's retention with hindsight (the best score at the same mean kept fraction, by a Lagrangian
+sweep over the grid). Reported: task score and NLL-quality (``NLL(answer | full) / NLL(answer | compressed)``,
+clipped to [0, 1]) with 95 % bootstrap intervals of the paired differences, the share of the oracle's gain
+recovered, and R² of the predicted against the measured per-context best retention.
 
 Usage::
 
-    python benchmarks/calibration_eval.py                                   # 2048 and 4096 tokens
-    python benchmarks/calibration_eval.py --lengths 1024 --samples 1 --tasks niah_single_2   # a quick check
+    OMP_NUM_THREADS=1 python benchmarks/calibration_eval.py run --lengths 1024 2048 --samples 8 \\
+        --output benchmarks/recorded/calibration_eval.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/calibration_eval.py report benchmarks/recorded/calibration_eval.jsonl \\
+        --quality 0.9 0.8 0.7 --plot docs/calibration_eval.png
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import platform
+import sys
+import time
+from pathlib import Path
 
 import torch
-import transformers
 
-import kvpress_like
-from kvpress_like.calibration import (
-    QualityModel,
-    _ScoreRecorder,
-    answer_nll,
-    load_calibration,
-    model_fingerprint,
-    quality_model_for,
-    shipped_calibration,
-)
-from kvpress_like.context import press as press_context
-from kvpress_like.eval.metrics import score
-from kvpress_like.eval.model import load_model
-from kvpress_like.eval.runner import _prompt_ids, prefill
-from kvpress_like.eval.tasks import generate_samples
-from kvpress_like.pipeline import answer_on_cache, kept_fraction
-
-TASKS = ["niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "vt", "qa_1", "qa_2"]
+TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "vt", "qa_1"]
+GRID = [0.1, 0.2, 0.3, 0.4] + [round(0.5 + 0.05 * i, 2) for i in range(11)]  # retentions 0.1 .. 1.0
 
 
-def answer(model, tokenizer, cache, context_ids, suffix_ids, sample, max_new_tokens):
-    ids = answer_on_cache(model, copy.deepcopy(cache), context_ids, suffix_ids, max_new_tokens)
-    prediction = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return score(sample.metric, prediction, sample.answers)
+def run(args) -> None:
+    import transformers
+
+    import kvpress_like
+    from kvpress_like.cache import kept_fraction, prefill
+    from kvpress_like.calibration import ScoreRecorder
+    from kvpress_like.context import press as press_context
+    from kvpress_like.eval.calibration import answer_ids_of, answer_nlls, stack_padded
+    from kvpress_like.eval.metrics import score
+    from kvpress_like.eval.model import load_model
+    from kvpress_like.eval.runner import answer_rows, read_jsonl
+    from kvpress_like.eval.tasks import generate_samples
+    from kvpress_like.pipeline import encode_prompt
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["task"], r["length"], r["index"], r["seed"]) for r in read_jsonl(output)}
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, kvpress-like {kvpress_like.__version__}", flush=True)
+    model, tokenizer = load_model("default")
+    recorder = ScoreRecorder.of({name: kvpress_like.create_press(name) for name in args.presses})
+    for index in range(args.samples):  # interleaved, so that a stopped run has every task and length
+        for length in args.lengths:
+            for task in args.tasks:
+                if (task, length, index, args.seed) in done:
+                    continue
+                start = time.perf_counter()
+                sample = generate_samples(task, tokenizer, length, index + 1, seed=args.seed)[index]
+                context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question,
+                                                        sample.answer_prefix)
+                answer_ids = answer_ids_of(tokenizer, sample.answers)
+                budget = min(args.max_new_tokens, sample.max_new_tokens)
+                with torch.no_grad(), press_context(model, recorder):
+                    full = prefill(model, context_ids)
+                    record = {"task": task, "length": length, "index": index, "seed": args.seed,
+                              "tokens": context_ids.shape[1], "features": {}, "grid": {}}
+                    caches, cells = [copy.deepcopy(full)], []
+                    for name in recorder.scorers:
+                        record["features"][name] = recorder.features(name, context_ids.shape[1])
+                        for retention in [r for r in args.grid if r < 1.0]:
+                            cache = copy.deepcopy(full)
+                            recorder.compress_at(name, cache, 1.0 - retention)
+                            caches.append(cache)
+                            cells.append((name, {"retention": retention, "kept": kept_fraction(cache)}))
+                    del full
+                    batch = stack_padded(caches)  # row 0: the full cache; then one row per (press, retention)
+                    nlls = answer_nlls(model, batch, suffix_ids, answer_ids)
+                    answers = answer_rows(model, batch, context_ids, suffix_ids, budget)
+                predictions = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+                scores = [score(sample.metric, x, sample.answers) for x in predictions]
+                record["full"] = {"score": scores[0], "nll": nlls[0], "prediction": predictions[0]}
+                for (name, cell), s, nll, prediction in zip(cells, scores[1:], nlls[1:], predictions[1:]):
+                    record["grid"].setdefault(name, []).append({**cell, "score": s, "nll": nll,
+                                                                "prediction": prediction})
+                for name in recorder.scorers:
+                    if 1.0 in args.grid:
+                        record["grid"][name].append({"retention": 1.0, "kept": 1.0, "score": scores[0],
+                                                     "nll": nlls[0]})
+                record["seconds"] = round(time.perf_counter() - start, 1)
+                with output.open("a", encoding="utf-8") as sink:
+                    sink.write(json.dumps(record) + "\n")
+                print(f"{task} {length} #{index}: full {scores[0]:.2f}, {record['seconds']} s", flush=True)
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def nll_quality(nll_full: float, nll: float) -> float:
+    return min(1.0, nll_full / max(nll, 1e-6))
+
+
+def cell_value(record: dict, name: str, retention: float, key: str) -> float:
+    """Score (``key="score"``), NLL-quality (``"quality"``) or kept fraction (``"kept"``) of one context at a
+    retention, linearly interpolated between the two neighbouring grid retentions."""
+    cells = record["grid"][name]
+    rs = [c["retention"] for c in cells]
+
+    def at(i):
+        c = cells[i]
+        return nll_quality(record["full"]["nll"], c["nll"]) if key == "quality" else c[key]
+
+    if retention <= rs[0]:
+        return at(0)
+    for i in range(1, len(rs)):
+        if retention <= rs[i] + 1e-9:
+            w = (retention - rs[i - 1]) / (rs[i] - rs[i - 1])
+            return (1 - w) * at(i - 1) + w * at(i)
+    return at(len(rs) - 1)
+
+
+def nearest(grid: list[float], value: float) -> float:
+    return min(grid, key=lambda r: abs(r - value))
+
+
+def fixed_retention_for(records, name, mean_kept: float) -> float:
+    """The single retention whose (interpolated) kept fraction, averaged over ``records``, equals ``mean_kept``."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        kept = sum(cell_value(r, name, mid, "kept") for r in records) / len(records)
+        low, high = (mid, high) if kept < mean_kept else (low, mid)
+    return (low + high) / 2
+
+
+def oracle_choice(records, name, mean_kept: float, key: str = "score") -> list[float]:
+    """Per context, the grid retention chosen with hindsight: maximise the summed ``key`` subject to the mean kept
+    fraction <= ``mean_kept`` (Lagrangian sweep: each context maximises value - lam * kept; the largest value over
+    the sweep's feasible choices, ties to less memory)."""
+    best, best_value = None, -math.inf
+    for lam in [x / 200 for x in range(0, 2001)]:
+        choice = []
+        for r in records:
+            cells = r["grid"][name]
+            values = [(cell_value(r, name, c["retention"], key) - lam * c["kept"], -c["kept"], c["retention"])
+                      for c in cells]
+            choice.append(max(values)[2])
+        kept = sum(cell_value(r, name, x, "kept") for r, x in zip(records, choice)) / len(records)
+        if kept <= mean_kept + 1e-9:
+            value = sum(cell_value(r, name, x, key) for r, x in zip(records, choice))
+            if value > best_value:
+                best, best_value = choice, value
+    return best
+
+
+def measured_best(record, name, quality: float) -> float:
+    """The smallest grid retention whose NLL-quality is >= ``quality`` (1.0 if none)."""
+    for c in record["grid"][name]:
+        if nll_quality(record["full"]["nll"], c["nll"]) >= quality:
+            return c["retention"]
+    return 1.0
+
+
+def r_squared(predicted: list[float], measured: list[float]) -> float:
+    mean = sum(measured) / len(measured)
+    total = sum((m - mean) ** 2 for m in measured)
+    residual = sum((m - p) ** 2 for p, m in zip(predicted, measured))
+    return 1 - residual / total if total else math.nan
+
+
+def report(args) -> None:
+    from kvpress_like.calibration import SHIPPED_DIR, load_calibration, quality_model_for
+    from kvpress_like.eval.runner import read_jsonl
+    from kvpress_like.eval.stats import paired_difference
+
+    records = [r for path in args.results for r in read_jsonl(Path(path))]
+    if not records:
+        sys.exit(f"no records in {args.results}")
+    source = args.calibration or SHIPPED_DIR / "smollm2-135m-instruct.json"
+    data = load_calibration(source)
+    names = list(records[0]["grid"])
+    lengths = sorted({r["length"] for r in records})
+    tasks = sorted({r["task"] for r in records})
+    print(f"{len(records)} contexts ({', '.join(map(str, lengths))} tokens; tasks {', '.join(tasks)}); "
+          f"calibration {source}\n")
+    print("| press | quality target | kept (mean) | score calibrated | score fixed | calibrated − fixed (points) "
+          "| 95 % CI | score oracle | oracle − fixed | share of oracle gain | NLL-q calibrated | NLL-q fixed "
+          "| NLL-q diff | 95 % CI | R² (NLL-q best retention) |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    rows = []
+    for name in names:
+        model = quality_model_for(data, name, str(source))
+        grid = [c["retention"] for c in records[0]["grid"][name]]
+        for quality in args.quality:
+            predicted = [min(1.0, max(0.05, model.retention(quality, r["features"][name]["context_nll"])))
+                         for r in records]
+            chosen = [nearest(grid, p) for p in predicted]
+            kept = [cell_value(r, name, x, "kept") for r, x in zip(records, chosen)]
+            mean_kept = sum(kept) / len(kept)
+            fixed = fixed_retention_for(records, name, mean_kept)
+            oracle = oracle_choice(records, name, mean_kept)
+            out = {}
+            for label, choice in (("calibrated", chosen), ("fixed", [fixed] * len(records)), ("oracle", oracle)):
+                out[label, "score"] = [cell_value(r, name, x, "score") for r, x in zip(records, choice)]
+                out[label, "quality"] = [cell_value(r, name, x, "quality") for r, x in zip(records, choice)]
+            diff = paired_difference(out["calibrated", "score"], out["fixed", "score"])
+            qdiff = paired_difference(out["calibrated", "quality"], out["fixed", "quality"])
+            mean = {k: sum(v) / len(v) for k, v in out.items()}
+            gain = mean["oracle", "score"] - mean["fixed", "score"]
+            share = (mean["calibrated", "score"] - mean["fixed", "score"]) / gain if gain > 0 else math.nan
+            best = [measured_best(r, name, quality) for r in records]
+            r2 = r_squared(predicted, best)
+            rows.append({"press": name, "quality": quality, "mean_kept": mean_kept, "fixed_retention": fixed,
+                         **{f"{k[0]}_{k[1]}": v for k, v in mean.items()}, "diff": vars(diff),
+                         "quality_diff": vars(qdiff), "oracle_share": share, "r2": r2})
+            print(f"| {name} | {quality:g} | {mean_kept:.3f} | {100 * mean['calibrated', 'score']:.1f} "
+                  f"| {100 * mean['fixed', 'score']:.1f} | {100 * diff.mean:+.1f} "
+                  f"| [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] | {100 * mean['oracle', 'score']:.1f} "
+                  f"| {100 * gain:+.1f} | {'–' if math.isnan(share) else f'{100 * share:.0f} %'} "
+                  f"| {mean['calibrated', 'quality']:.3f} | {mean['fixed', 'quality']:.3f} | {qdiff.mean:+.3f} "
+                  f"| [{qdiff.low:+.3f}, {qdiff.high:+.3f}] | {r2:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    if args.plot:
+        plot(records, names, rows, args.plot)
+
+
+def plot(records, names, rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for number, name in enumerate(names):
+        grid = [c["retention"] for c in records[0]["grid"][name]]
+        kept = [sum(cell_value(r, name, x, "kept") for r in records) / len(records) for x in grid]
+        score = [100 * sum(cell_value(r, name, x, "score") for r in records) / len(records) for x in grid]
+        ax.plot(kept, score, marker=".", label=f"{name}: fixed ratio", color=f"C{number}")
+        mine = [row for row in rows if row["press"] == name]
+        ax.scatter([row["mean_kept"] for row in mine], [100 * row["calibrated_score"] for row in mine], marker="o",
+                   s=60, color=f"C{number}", edgecolor="black", label=f"{name}: calibrated (targets)", zorder=3)
+        ax.scatter([row["mean_kept"] for row in mine], [100 * row["oracle_score"] for row in mine], marker="*",
+                   s=90, color=f"C{number}", label=f"{name}: oracle (hindsight)", zorder=3)
+    ax.set(xlabel="mean kept fraction of the context's KV pairs", ylabel="task score (%)",
+           title=f"calibrated vs fixed ratio, {len(records)} held-out contexts")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--tasks", nargs="+", default=TASKS)
-    parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
-    parser.add_argument("--quality", type=float, nargs="+", default=[0.95], help="quality targets (one row each)")
-    parser.add_argument("--press", default="compactor")
-    parser.add_argument("--calibration", help="parameter file (default: the shipped one)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="answer held-out contexts at every grid retention (resumable)")
+    r.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    r.add_argument("--tasks", nargs="+", default=TASKS)
+    r.add_argument("--samples", type=int, default=8, help="samples per task and length")
+    r.add_argument("--seed", type=int, default=0, help="seed of the held-out samples (calibration: 1,000,003)")
+    r.add_argument("--presses", nargs="+", default=["compactor"])
+    r.add_argument("--grid", type=float, nargs="+", default=GRID, help="retentions (kept fractions asked)")
+    r.add_argument("--max-new-tokens", type=int, default=24, help="decoding budget cap (default 24)")
+    r.add_argument("--output", required=True, help="JSON lines file (appended; resumable)")
+    r.set_defaults(func=run)
+    p = sub.add_parser("report", help="the paired comparison table from a run's records")
+    p.add_argument("results", nargs="+", help="JSON lines files of run")
+    p.add_argument("--quality", type=float, nargs="+", default=[0.9, 0.8, 0.7])
+    p.add_argument("--calibration", help="calibration file (default: the one shipped for the embedded model)")
+    p.add_argument("--plot", help="PNG path for the score-vs-kept plot")
+    p.add_argument("--json", help="write the table's rows as JSON")
+    p.set_defaults(func=report)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, kvpress-like {kvpress_like.__version__}")
-    model, tokenizer = load_model("default")
-    if args.calibration:
-        data, source = load_calibration(args.calibration), args.calibration
-    else:
-        source, data = shipped_calibration(model_fingerprint(model))
-    fitted: QualityModel = quality_model_for(data, args.press, str(source))
-    print(f"press {args.press}, qualities {args.quality}, parameters alpha={fitted.alpha:.4f} "
-          f"beta={fitted.beta:.4f} from {source}")
-    recorder = _ScoreRecorder(scorer=kvpress_like.create_press(args.press))
-    label = recorder.scorer.name
-    rows = []
-    for length in args.lengths:
-        runs = []
-        with torch.no_grad(), press_context(model, recorder):
-            for task in args.tasks:
-                for sample in generate_samples(task, tokenizer, length, args.samples, seed=0):
-                    context_ids, suffix_ids = _prompt_ids(tokenizer, sample, "query_agnostic", model.device)
-                    answer_ids = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False,
-                                           return_tensors="pt")["input_ids"]
-                    full = prefill(model, context_ids)
-                    nll_full = answer_nll(model, copy.deepcopy(full), suffix_ids, answer_ids)
-                    run = {"sample": sample, "ids": (context_ids, suffix_ids, answer_ids), "nll_full": nll_full,
-                           "context_nll": recorder.nll,
-                           "full": answer(model, tokenizer, full, context_ids, suffix_ids, sample, args.max_new_tokens)}
-                    for quality in args.quality:
-                        retention = min(1.0, max(0.05, fitted.retention(quality, recorder.nll)))
-                        cache = copy.deepcopy(full)
-                        recorder.compress_at(label, cache, 1.0 - retention)
-                        run[quality, "kept", "calibrated"] = kept_fraction(cache)
-                        run[quality, "score", "calibrated"] = answer(model, tokenizer, cache, context_ids, suffix_ids,
-                                                                     sample, args.max_new_tokens)
-                        run[quality, "nll", "calibrated"] = nll_full / answer_nll(model, cache, suffix_ids, answer_ids)
-                    runs.append(run)
-            n = len(runs)
-            fixed_ratios = {quality: 1.0 - sum(r[quality, "kept", "calibrated"] for r in runs) / n
-                            for quality in args.quality}
-            for run in runs:  # the fixed ratios from the same scores: re-prefill to re-record them
-                context_ids, suffix_ids, answer_ids = run["ids"]
-                full = prefill(model, context_ids)
-                for quality, ratio in fixed_ratios.items():
-                    cache = copy.deepcopy(full)
-                    recorder.compress_at(label, cache, ratio)
-                    run[quality, "kept", "fixed"] = kept_fraction(cache)
-                    run[quality, "score", "fixed"] = answer(model, tokenizer, cache, context_ids, suffix_ids,
-                                                            run["sample"], args.max_new_tokens)
-                    run[quality, "nll", "fixed"] = run["nll_full"] / answer_nll(model, cache, suffix_ids, answer_ids)
-        mean = {key: sum(r[key] for r in runs) / n for key in runs[0] if key not in ("sample", "ids")}
-        rows.append((length, n, mean))
-        print(f"length {length}: done ({n} samples, mean context NLL {mean['context_nll']:.3f})", flush=True)
-
-    print("\n| length | samples | quality target | kept (calibrated) | kept (fixed) | score full | score calibrated "
-          "| score fixed | calibrated / full | fixed / full | NLL-quality calibrated | NLL-quality fixed |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for length, n, m in rows:
-        for quality in args.quality:
-            relative = [f"{100 * m[quality, 'score', k] / m['full']:.1f}%" if m["full"] else "–"
-                        for k in ("calibrated", "fixed")]
-            print(f"| {length} | {n} | {quality} | {m[quality, 'kept', 'calibrated']:.3f} "
-                  f"| {m[quality, 'kept', 'fixed']:.3f} | {100 * m['full']:.1f} "
-                  f"| {100 * m[quality, 'score', 'calibrated']:.1f} | {100 * m[quality, 'score', 'fixed']:.1f} "
-                  f"| {relative[0]} | {relative[1]} | {m[quality, 'nll', 'calibrated']:.3f} "
-                  f"| {m[quality, 'nll', 'fixed']:.3f} |")
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -42,6 +43,7 @@ from torch import nn
 from .press import Press
 
 FORMAT = "kvpress-like-calibration/1"
+_QUALITY_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(params, press): QualityModel}
 SHIPPED_DIR = Path(__file__).parent / "data" / "calibration"
 
 
@@ -60,9 +62,15 @@ def quality_curve(retention: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def retention_for(quality: float, b: float) -> float:
     """The smallest retention ``r`` with ``quality_curve(r, b) >= quality``: ``log(1 + tau (e^b - 1)) / b``."""
-    if abs(b) < 1e-6:
+    if abs(b) < 1e-6 or quality >= 1.0:
         return quality
-    return min(1.0, max(0.0, math.log1p(quality * math.expm1(b)) / b))  # clipped: rounding near tau = 1
+    if b > 0:
+        r = math.log1p(quality * math.expm1(b)) / b
+    else:  # the same, as 1 + log(tau + (1 - tau) e^{-b}) / b: exact near r = 1, where the form above cancels
+        high = math.log1p(-quality) - b
+        low = math.log(quality)
+        r = 1 + (max(high, low) + math.log1p(math.exp(-abs(high - low)))) / b
+    return min(1.0, max(0.0, r))  # clipped: rounding
 
 
 def _check_quality(quality) -> float:
@@ -153,7 +161,26 @@ def load_calibration(path: str | Path) -> dict:
         if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and math.isfinite(entry[k])
                                                 for k in ("alpha", "beta"))):
             raise ValueError(f"calibration file {path} is malformed: press {name!r} needs finite 'alpha' and 'beta'")
+        if not isinstance(entry.get("points", []), list):
+            raise ValueError(f"calibration file {path} is malformed: press {name!r} has 'points' that are not a list "
+                             "of measurements (files written by kvpress-like calibrate hold one object per point)")
     return data
+
+
+def save_calibration(data: dict, path: str | Path) -> Path:
+    """Write calibration ``data`` (as built by :func:`kvpress_like.eval.calibration.calibrate`) to ``path`` after
+    checking that :func:`load_calibration` accepts it: what is written is what ``ratio="auto"`` reads."""
+    path = Path(path)
+    text = json.dumps(data, separators=(",", ":")).replace('},{"task"', '},\n{"task"') + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        load_calibration(tmp)
+    except ValueError:
+        tmp.unlink()
+        raise
+    tmp.replace(path)
+    return path
 
 
 def shipped_calibration(fingerprint: str) -> tuple[Path, dict] | None:
@@ -242,9 +269,7 @@ class CalibratedPress(Press):
         self.quality = _check_quality(self.quality)
         if not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"min_retention must be in (0, 1]; got {self.min_retention!r}")
-        self.n_sink, self.window, self._allocator = self.scorer.n_sink, self.scorer.window, self.scorer._allocator
-        self._model: QualityModel | None = None
-        self._model_source: tuple | None = None
+        self.n_sink, self.window, self.allocator = self.scorer.n_sink, self.scorer.window, self.scorer.allocator
 
     def compresses_prefill(self) -> bool:
         return True
@@ -253,9 +278,12 @@ class CalibratedPress(Press):
         return self.scorer.score(ctx)
 
     def quality_model(self, model: nn.Module) -> QualityModel:
-        """The fitted parameters for ``model`` and the wrapped press (from ``params`` or the shipped files)."""
-        key = (id(model), self.params)
-        if self._model is None or self._model_source != key:
+        """The fitted parameters for ``model`` and the wrapped press (from ``params`` or the shipped files).
+
+        Parameters are looked up once per model and source and cached with the model, not on the press."""
+        key = (self.params, self.scorer.name)
+        cached = _QUALITY_MODELS.setdefault(model, {})
+        if key not in cached:
             if self.params is not None:
                 data, source = load_calibration(self.params), str(self.params)
             else:
@@ -266,8 +294,8 @@ class CalibratedPress(Press):
                         "model); fit them with `kvpress-like calibrate --model PATH --press "
                         f"{self.scorer.name} --output FILE` and pass params=FILE")
                 source, data = str(found[0]), found[1]
-            self._model, self._model_source = quality_model_for(data, self.scorer.name, source), key
-        return self._model
+            cached[key] = quality_model_for(data, self.scorer.name, source)
+        return cached[key]
 
     def choose_ratio(self, nll: float, model: nn.Module) -> float:
         """The ratio (1 - retention) for a context of mean NLL ``nll``."""
@@ -312,14 +340,75 @@ class CalibratedPress(Press):
         return [model.register_forward_pre_hook(keep_ids, with_kwargs=True), norm.register_forward_hook(finish)]
 
 
-# -- fitting on calibration tasks -------------------------------------------------------------------------------------
-CALIBRATION_SEED = 1_000_003  # evaluation uses small seeds (0 by default); calibration samples never overlap them
-CALIBRATION_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "fwe", "qa_1")
-RETENTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# -- recording scores for many ratios ---------------------------------------------------------------------------------
+def compress_recorded(cache, p: Press, recorded: dict[int, tuple], ratio: float) -> None:
+    """Compress ``cache`` in place at ``ratio`` from scores recorded during its prefill, as ``p`` would have.
+
+    Args:
+        cache: a cache whose compressible layers still hold the whole prefilled context ``[B, H_kv, S, D]``.
+        p: the press whose allocator and protected tokens the scores came with.
+        recorded: per compressible layer index, ``(scores [B, H_kv, S], protected [B, S], valid [B, S])`` as
+            :meth:`Press.layer_scores` gives them (``+inf`` protected, ``-inf`` padding) and the layer's ``valid``.
+        ratio: the fraction of the context removed, in [0, 1).
+    """
+    from .context import ModelScope
+
+    scope = ModelScope(p, tuple(sorted(recorded)))
+    scope.pending = dict(recorded)
+    scope.finalize(cache, ratio)
 
 
-class _ScoreRecorder(CalibratedPress):
-    """Records, for one prefill, every wrapped press's layer scores and the context NLL instead of compressing."""
+FEATURES = ("context_nll", "log_length", "score_skew", "score_kurtosis", "score_top10")
+
+
+def score_statistics(recorded: dict[int, tuple]) -> dict[str, float]:
+    """How concentrated a press's scores are over the context, from scores it computed anyway (no extra forward).
+
+    Each head's scores over its unprotected real tokens are standardised (mean 0, std 1); the statistics are averaged
+    over the heads of every compressible layer of the first batch row.
+
+    Args:
+        recorded: per layer, ``(scores [B, H_kv, S], protected [B, S], valid [B, S])`` (see :func:`compress_recorded`).
+
+    Returns:
+        ``score_skew`` (third standardised moment), ``score_kurtosis`` (fourth, minus 3) and ``score_top10`` (mean
+        z-score of the top 10 % of tokens): larger when a few tokens stand out.
+    """
+    skews, kurtoses, tops = [], [], []
+    for scores, protected, valid in recorded.values():
+        free = (valid[0] & ~protected[0]).to(scores.device)
+        x = scores[0][:, free].double()  # [H, n]
+        if x.shape[1] < 4:
+            continue
+        z = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        skews.append(z.pow(3).mean(-1))
+        kurtoses.append(z.pow(4).mean(-1) - 3)
+        top = max(1, x.shape[1] // 10)
+        tops.append(z.topk(top, dim=-1).values.mean(-1))
+    if not skews:
+        return {"score_skew": 0.0, "score_kurtosis": 0.0, "score_top10": 0.0}
+    return {"score_skew": float(torch.cat(skews).mean()), "score_kurtosis": float(torch.cat(kurtoses).mean()),
+            "score_top10": float(torch.cat(tops).mean())}
+
+
+class ScoreRecorder(CalibratedPress):
+    """Records, for each prefill, every given press's layer scores and the context's NLL instead of compressing, so
+    that one prefill serves every (press, ratio): :meth:`compress_at` compresses a copy of the full cache.
+
+    Build it with :meth:`of`. After a prefill, ``scores[name][layer]`` holds ``(scores, protected, valid)`` and
+    ``nll`` the context's mean NLL.
+    """
+
+    @classmethod
+    def of(cls, presses: dict[str, Press]) -> ScoreRecorder:
+        """A recorder for ``presses`` (label -> press); each must be a scorer a calibrated press accepts."""
+        if not presses:
+            raise ValueError("ScoreRecorder.of needs at least one press")
+        for p in presses.values():
+            CalibratedPress(scorer=p)  # the same checks as a calibrated press
+        recorder = cls(scorer=next(iter(presses.values())))
+        recorder.scorers = dict(presses)
+        return recorder
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
@@ -338,104 +427,17 @@ class _ScoreRecorder(CalibratedPress):
                 computed[key] = scorer.layer_scores(ctx)
             scores, protected = computed[key]
             self.scores.setdefault(name, {})[ctx.layer_idx] = (scores, protected, ctx.valid)
-        return self.scores[next(iter(self.scorers))][ctx.layer_idx][:2]  # the first recorded press's
+        return self.scores[next(iter(self.scorers))][ctx.layer_idx][:2]
 
     def finish_prefill(self, scope, nll, model):
         self.nll = nll
 
     def compress_at(self, name: str, cache, ratio: float) -> None:
-        """Compress ``cache`` (holding the recorded context in full) with press ``name``'s recorded scores."""
-        from .context import _ModelScope
+        """Compress ``cache`` (holding the recorded context in full) at ``ratio`` with press ``name``'s scores."""
+        compress_recorded(cache, self.scorers[name], self.scores[name], ratio)
 
-        scope = _ModelScope(self.scorers[name], tuple(sorted(self.scores[name])))
-        scope.pending = self.scores[name]
-        scope.finalize(cache, ratio)
-
-
-def answer_nll(model, cache, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -> float:
-    """Mean NLL of ``answer_ids`` ``[1, a]`` teacher-forced after ``prompt_ids`` ``[1, q]`` on ``cache`` (which
-    grows by ``q + a`` tokens)."""
-    from .cache import CACHE_KWARG
-    from .eval.fidelity import token_nll
-
-    ids = torch.cat([prompt_ids, answer_ids], dim=1)
-    logits = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True).logits[0, prompt_ids.shape[1] - 1 : -1]
-    return float(token_nll(logits, answer_ids[0]).mean())
-
-
-def calibration_points(model, tokenizer, scorers: list[Press], lengths, samples: int, seed: int = CALIBRATION_SEED,
-                       tasks=CALIBRATION_TASKS, retentions=RETENTIONS, progress: bool = True) -> dict[str, list]:
-    """Measured quality of each press at every retention on generated calibration samples.
-
-    For each sample one prefill records every press's scores in every layer and the context's NLL; the full cache is
-    then compressed at each retention from those scores (a prefill does not depend on the ratio: layers are
-    compressed after their attention), and the answer's NLL is measured on it. Quality is
-    ``NLL(answer | full) / NLL(answer | compressed)``.
-
-    Returns:
-        Per press name, one dict per (sample, retention): ``task``, ``length``, ``index``, ``context_nll``,
-        ``retention``, ``kept_fraction``, ``quality``, ``nll_full``, ``nll_press``.
-    """
-    import copy
-
-    from transformers import DynamicCache
-
-    from .cache import CACHE_KWARG
-    from .context import press as press_context
-    from .eval.tasks import generate_samples
-    from .pipeline import encode_prompt, kept_fraction
-
-    recorder = _ScoreRecorder(scorer=scorers[0])
-    for extra in scorers[1:]:
-        CalibratedPress(scorer=extra)  # the same checks as a calibrated press
-        recorder.scorers[extra.name] = extra
-    device = next(model.parameters()).device
-    work = [(task, length, i, s) for length in lengths for task in tasks
-            for i, s in enumerate(generate_samples(task, tokenizer, length, samples, seed=seed))]
-    try:
-        from tqdm.auto import tqdm
-
-        work = tqdm(work, desc="calibrate", unit="sample", disable=not progress)
-    except ImportError:
-        pass
-    points = {name: [] for name in recorder.scorers}
-    with torch.no_grad(), press_context(model, recorder):
-        for task, length, index, sample in work:
-            context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
-            answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False, return_tensors="pt")
-            context_ids, suffix_ids = context_ids.to(device), suffix_ids.to(device)
-            answer_ids = answer["input_ids"].to(device)
-            full = DynamicCache(config=model.config)
-            model(input_ids=context_ids, **{CACHE_KWARG: full}, use_cache=True, logits_to_keep=1)
-            nll_full = answer_nll(model, copy.deepcopy(full), suffix_ids, answer_ids)
-            for name in recorder.scorers:
-                for retention in retentions:
-                    cache = copy.deepcopy(full)
-                    recorder.compress_at(name, cache, 1.0 - retention)
-                    nll_press = answer_nll(model, cache, suffix_ids, answer_ids)
-                    points[name].append({"task": task, "length": length, "index": index, "context_nll": recorder.nll,
-                                         "retention": retention, "kept_fraction": kept_fraction(cache),
-                                         "nll_full": nll_full, "nll_press": nll_press,
-                                         "quality": nll_full / max(nll_press, 1e-6)})
-    return points
-
-
-def calibrate(model, tokenizer, press_names, lengths=(1024, 2048), samples: int = 3, seed: int = CALIBRATION_SEED,
-              over_weight: float = 4.0, model_name: str = "", progress: bool = True) -> dict:
-    """Fit the quality model of each press on generated calibration tasks; returns the calibration file's content
-    (the fitted ``alpha``, ``beta`` and the measured points of every press)."""
-    from .registry import create_press
-
-    points = calibration_points(model, tokenizer, [create_press(name) for name in press_names], lengths, samples,
-                                seed, progress=progress)
-    result = {"format": FORMAT,
-              "model": {"name": model_name, "weights_sha256": model_fingerprint(model)},
-              "fit": {"lengths": list(lengths), "samples_per_task": samples, "seed": seed, "tasks":
-                      list(CALIBRATION_TASKS), "retentions": list(RETENTIONS), "over_weight": over_weight,
-                      "quality_proxy": "NLL(answer | full cache) / NLL(answer | compressed cache)"},
-              "presses": {}}
-    for name, measured in points.items():
-        fitted = fit_quality_model([p["context_nll"] for p in measured], [p["kept_fraction"] for p in measured],
-                                   [p["quality"] for p in measured], over_weight=over_weight)
-        result["presses"][name] = {"alpha": fitted.alpha, "beta": fitted.beta, "points": measured}
-    return result
+    def features(self, name: str, context_tokens: int) -> dict[str, float]:
+        """The context features of the last prefill for press ``name``: ``context_nll``, ``log_length`` and
+        :func:`score_statistics`."""
+        return {"context_nll": self.nll, "log_length": math.log(context_tokens),
+                **score_statistics(self.scores[name])}

@@ -553,7 +553,10 @@ def cmd_calibrate(args) -> int:
     if unknown:
         raise CLIError(f"unknown press(es) {unknown}; see kvpress-like presses")
     model, tokenizer, label, _ = _load_model(args)
-    command = " ".join(["kvpress-like", *(shlex.quote(a) for a in sys.argv[1:])])
+    command = ["calibrate", "--press", *args.press, "--lengths", *map(str, args.lengths), "--samples",
+               str(args.samples), "--seed", str(args.seed), *(["--tasks", *args.tasks] if args.tasks else []),
+               *(["--model", args.model] if args.model != "default" else []), "--output", args.output]
+    command = " ".join(["kvpress-like", *(shlex.quote(a) for a in command)])  # recorded in the file
     try:
         result = calibrate(model, tokenizer, args.press, lengths=args.lengths, samples=args.samples, seed=args.seed,
                            model_name=label, command=command, tasks=args.tasks, progress=not args.no_progress)

@@ -230,7 +230,9 @@ def test_round_trip_through_a_dict(tmp_path):
     assert isinstance(again, CalibratedPress) and again.quality == 0.9 and again.scorer.window == 2
 
 
-def test_shipped_calibration_files_are_valid_and_cover_the_built_in_scorers():
+def test_shipped_calibration_file_is_what_the_documented_command_writes():
+    """The shipped file holds what ``kvpress-like calibrate`` writes: the command, seed and time in its metadata,
+    each press's configuration (the current defaults), and the measured points that the parameters were fitted on."""
     from kvpress_like.calibration import SHIPPED_DIR
 
     files = sorted(SHIPPED_DIR.glob("*.json"))
@@ -238,12 +240,172 @@ def test_shipped_calibration_files_are_valid_and_cover_the_built_in_scorers():
     for path in files:
         data = load_calibration(path)
         assert len(data["model"]["weights_sha256"]) == 64
-        assert {"compactor", "snapkv", "knorm", "leverage"} <= set(data["presses"])
-        for entry in data["presses"].values():
-            assert entry["points"] > 0
-            # predicted retention for a typical context NLL is a valid fraction, and grows with the quality asked
+        fit = data["fit"]
+        assert fit["command"].startswith("kvpress-like calibrate ") and f"--output {path.relative_to(ROOT)}" in \
+            fit["command"]
+        assert fit["seed"] >= 1_000_000 and fit["seconds"] > 0  # disjoint from evaluation seeds (small numbers)
+        assert {"compactor", "leverage", "snapkv", "knorm"} <= set(data["presses"])
+        for name, entry in data["presses"].items():
+            assert entry["press"] == create_press(name).to_dict()  # fitted for the press as it is configured now
+            points = entry["points"]
+            assert len(points) == len(fit["tasks"]) * len(fit["lengths"]) * fit["samples_per_task"] * \
+                len(fit["retentions"])
+            refit = fit_quality_model([q["context_nll"] for q in points], [q["kept_fraction"] for q in points],
+                                      [q["quality"] for q in points], over_weight=fit["over_weight"])
             model = QualityModel(entry["alpha"], entry["beta"])
+            for nll in (2.0, 3.0):  # the parameters are the fit of the points (up to the optimiser's tolerance)
+                assert refit.retention(0.9, nll) == pytest.approx(model.retention(0.9, nll), abs=0.02)
             assert 0 <= model.retention(0.5, 2.5) <= model.retention(0.95, 2.5) <= 1
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with a word-level tokenizer (what ``--model DIR`` loads)."""
+    from tiny_tokenizer import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny_calibration_llama")
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_calibrate_command_writes_a_file_that_ratio_auto_reads(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from kvpress_like import cli
+
+    output = tmp_path / "cal.json"
+    assert cli.main(["calibrate", "--model", str(tiny_model_dir), "--press", "compactor", "knorm", "--lengths",
+                     "256", "--samples", "2", "--tasks", "niah_single_1", "--output", str(output),
+                     "--no-progress"]) == 0
+    assert "saved:" in capsys.readouterr().out
+    data = load_calibration(output)
+    assert data["fit"]["command"] == (f"kvpress-like calibrate --press compactor knorm --lengths 256 --samples 2 "
+                                      f"--seed 1000003 --tasks niah_single_1 --model {tiny_model_dir} --output {output}")
+    assert data["fit"]["seconds"] > 0
+    assert data["fit"]["tasks"] == ["niah_single_1"] and data["fit"]["lengths"] == [256]
+    assert set(data["presses"]) == {"compactor", "knorm"}
+    for entry in data["presses"].values():
+        assert len(entry["points"]) == 2 * 9  # samples x retentions
+        for point in entry["points"]:
+            assert point["kept_fraction"] == pytest.approx(point["retention"], abs=0.02)
+            assert point["quality"] == pytest.approx(point["nll_full"] / point["nll_press"], rel=1e-4)
+            assert set(point) >= {"context_nll", "log_length", "score_skew", "score_kurtosis", "score_top10"}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert data["model"]["weights_sha256"] == model_fingerprint(model)
+    ids = random_ids(120, seed=3)
+    p = CompactorPress(ratio="auto", quality=0.8, params=str(output))
+    cache = prefill(model, ids, p)
+    entry = data["presses"]["compactor"]
+    expected = QualityModel(entry["alpha"], entry["beta"]).retention(0.8, reference_context_nll(model, ids))
+    assert p.last_retention == pytest.approx(min(1.0, max(0.05, expected)), rel=1e-4)
+    assert cache.layers[0].keys.shape[2] == max(keep_count(120, p.last_ratio), 8 + 4)  # sinks and window kept
+
+
+def test_one_recorded_prefill_compresses_like_a_fixed_press_at_every_ratio():
+    from kvpress_like.calibration import ScoreRecorder
+
+    model = cached_tiny_model("llama", "sdpa")
+    ids = random_ids(90, seed=7)
+    recorder = ScoreRecorder.of({"compactor": CompactorPress(), "knorm": KnormPress()})
+    full = prefill(model, ids, recorder)
+    assert recorder.nll == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
+    for name, make in (("compactor", CompactorPress), ("knorm", KnormPress)):
+        for ratio in (0.3, 0.75):
+            import copy
+
+            cache = copy.deepcopy(full)
+            recorder.compress_at(name, cache, ratio)
+            fixed = prefill(model, ids, make(ratio=ratio))
+            for idx in full_attention_layers(model.config):
+                assert torch.equal(cache.layers[idx].keys, fixed.layers[idx].keys)
+                assert torch.equal(cache.layers[idx].values, fixed.layers[idx].values)
+
+
+def naive_statistics(recorded):
+    skew, kurt, top = [], [], []
+    for scores, protected, valid in recorded.values():
+        for head in range(scores.shape[1]):
+            x = [float(scores[0, head, t]) for t in range(scores.shape[2]) if valid[0, t] and not protected[0, t]]
+            n = len(x)
+            mean = sum(x) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in x) / n)
+            z = [(v - mean) / std for v in x]
+            skew.append(sum(v**3 for v in z) / n)
+            kurt.append(sum(v**4 for v in z) / n - 3)
+            k = max(1, n // 10)
+            top.append(sum(sorted(z, reverse=True)[:k]) / k)
+    return {"score_skew": sum(skew) / len(skew), "score_kurtosis": sum(kurt) / len(kurt),
+            "score_top10": sum(top) / len(top)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(12, 60), seed=st.integers(0, 10_000))
+def test_score_statistics_match_a_naive_reference(layers, heads, length, seed):
+    from kvpress_like.calibration import score_statistics
+
+    generator = torch.Generator().manual_seed(seed)
+    recorded = {}
+    for layer in range(layers):
+        scores = torch.randn(1, heads, length, generator=generator).exp()  # skewed, like attention mass
+        valid = torch.ones(1, length, dtype=torch.bool)
+        valid[0, : int(torch.randint(0, 3, (1,), generator=generator))] = False  # left padding
+        protected = torch.zeros(1, length, dtype=torch.bool)
+        protected[0, -2:] = True
+        scores = scores.masked_fill(protected[:, None], math.inf).masked_fill(~valid[:, None], -math.inf)
+        recorded[layer] = (scores, protected, valid)
+    got = score_statistics(recorded)
+    for key, value in naive_statistics(recorded).items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9)
+    # invariant: the statistics do not change when every score is scaled and shifted (they describe the shape)
+    moved = {k: (s * 3.0 + 1.0, p, v) for k, (s, p, v) in recorded.items()}
+    for key, value in score_statistics(moved).items():
+        assert value == pytest.approx(got[key], rel=1e-6, abs=1e-9)
+
+
+def test_batched_answer_nll_of_padded_rows_equals_each_cache_alone():
+    import copy
+
+    from kvpress_like import press
+    from kvpress_like.calibration import ScoreRecorder
+    from kvpress_like.eval.calibration import answer_nlls, stack_padded
+
+    model = cached_tiny_model("llama", "sdpa")
+    ids, prompt, answer = random_ids(70, seed=8), random_ids(5, seed=9), random_ids(3, seed=10)
+    recorder = ScoreRecorder.of({"compactor": CompactorPress()})
+    full = prefill(model, ids, recorder)
+    caches = [copy.deepcopy(full)]
+    for ratio in (0.2, 0.5, 0.8):  # rows of different lengths, padded
+        caches.append(copy.deepcopy(full))
+        recorder.compress_at("compactor", caches[-1], ratio)
+    with torch.no_grad(), press(model, recorder):
+        batched = answer_nlls(model, stack_padded(caches), prompt, answer)
+        alone = [answer_nlls(model, c, prompt, answer)[0] for c in caches]
+    assert batched == pytest.approx(alone, rel=1e-4)
+    assert len(set(round(x, 4) for x in alone)) > 1  # the rows really differ
+
+
+def test_save_calibration_refuses_what_load_would_refuse(tmp_path):
+    from kvpress_like.calibration import save_calibration
+
+    with pytest.raises(ValueError, match="finite 'alpha'"):
+        save_calibration({"format": FORMAT, "model": {}, "presses": {"compactor": {"alpha": float("nan"), "beta": 0}}},
+                         tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="points"):
+        save_calibration({"format": FORMAT, "model": {}, "presses": {"compactor": {"alpha": 1, "beta": 0,
+                                                                                    "points": 378}}},
+                         tmp_path / "bad.json")
+    assert not list(tmp_path.iterdir())  # nothing left behind
 
 
 def test_calibrated_press_is_exported_at_the_top_level():
