@@ -97,9 +97,6 @@ class ModelScope:
             cache.layers[idx] = like_source(full, store(keys, values, indices, slot_valid))
 
 
-_ModelScope = ModelScope  # temporary: the committed calibration.py still imports this name (its owner removes it)
-
-
 class LayerHooks:
     """The forward hooks of one compressible attention module under one ``press(model, p)`` (what
     :meth:`Press.after_forward <kvpress_like.press.Press.after_forward>` receives as ``hooks``).

@@ -19,15 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 TOP = ("kvpress_like.eval", "kvpress_like.cli", "kvpress_like.pipeline")  # what the core must not import
 NOT_CORE = (*TOP, "kvpress_like.__main__")
 
-# Known exceptions, each named, until their owner removes them: calibration.py, whose upward imports (eval, pipeline)
-# and private uses the calibration agent of issue 15 is removing: it uses the context's `_ModelScope` (an alias kept
-# there for it), the runner uses its `_ScoreRecorder` (public `ScoreRecorder` in that change). Entries that no longer
-# occur are harmless; delete them once that change has landed.
-KNOWN_PRIVATE = {("kvpress_like.calibration", "kvpress_like.context", "_ModelScope"),
-                 ("kvpress_like.eval.runner", "kvpress_like.calibration", "_ScoreRecorder")}
-KNOWN_UPWARD = {("kvpress_like.calibration", "kvpress_like.eval.fidelity"),
-                ("kvpress_like.calibration", "kvpress_like.eval.tasks"),
-                ("kvpress_like.calibration", "kvpress_like.pipeline")}
+# Known exceptions, each named, until their owner removes them: none (calibration.py's upward imports and private uses
+# are gone).
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

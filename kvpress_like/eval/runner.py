@@ -134,7 +134,7 @@ class SharedPrefill:
     """
 
     def __init__(self, model, specs: list[PressSpec], ratios: Iterable[float] = ()):
-        from ..calibration import CalibratedPress, _ScoreRecorder
+        from ..calibration import CalibratedPress, ScoreRecorder
 
         self.model = model
         presses = {}
@@ -148,10 +148,7 @@ class SharedPrefill:
                 presses.update({_scorer_key(spec.label, r): spec.create(r) for r in ratios if r > 0})
             else:
                 presses[spec.label] = p
-        self.recorder = None
-        if presses:
-            self.recorder = _ScoreRecorder(scorer=next(iter(presses.values())))
-            self.recorder.scorers = presses
+        self.recorder = ScoreRecorder.of(presses) if presses else None
 
     def _shares(self, label: str, ratio: float) -> bool:
         scorers = self.recorder.scorers if self.recorder is not None else {}
