@@ -76,6 +76,21 @@ class DecodingPress(Press):
             raise ValueError(f"target ({self.target}) must be at least the scorer's protected tokens "
                              f"(n_sink + window = {protected}); lower the scorer's window or raise the target")
 
+    def check_supported(self) -> None:
+        """Refuse what would be ignored: the wrapper's own allocator and protected tokens (the scorer's are used),
+        and a prefill compressed by a scorer whose allocator selects every layer at once (model scope)."""
+        ignored = [name for name, default in (("allocator", "uniform"), ("n_sink", 0), ("window", 0))
+                   if (self.allocator_instance.name if name == "allocator" else getattr(self, name)) != default]
+        if ignored:
+            raise ValueError(f"DecodingPress uses its scorer's allocator and protected tokens; set "
+                             f"{', '.join(ignored)} on the scorer (e.g. DecodingPress(scorer=KnormPress(window=..., "
+                             "allocator=...)))")
+        selects_at_once = self.scorer.allocator_instance.scope == "model" or self.scorer.defers_selection
+        if self.compress_prefill and selects_at_once:
+            raise ValueError(f"DecodingPress(compress_prefill=True) compresses the prefill layer by layer; the "
+                             f"scorer's allocator {self.scorer.allocator_instance.name!r} selects every layer at once. "
+                             "Use a layer-scope allocator on the scorer (uniform, pyramid, head_adaptive, ...)")
+
     def compresses_prefill(self) -> bool:
         return self.compress_prefill and self.scorer.ratio > 0
 

@@ -168,3 +168,18 @@ def test_one_chunkkv_press_on_two_models_at_once_gives_each_its_own_result():
     for (k1, v1), (k2, v2) in zip(alone + alone_b, interleaved + interleaved_b, strict=True):
         torch.testing.assert_close(k1, k2, rtol=0, atol=0)
         assert torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scorer=KnormPress(ratio=0.5), window=3), "set window on the scorer"),
+    (dict(scorer=KnormPress(ratio=0.5), allocator="pyramid", n_sink=2), "set allocator, n_sink on the scorer"),
+    (dict(scorer=KnormPress(ratio=0.5, allocator="kvcompose"), compress_prefill=True),
+     "scorer's allocator 'kvcompose' selects every layer at once"),
+])
+def test_decoding_press_refuses_what_it_would_ignore(kwargs, match):
+    """The wrapper's own allocator and protected tokens were silently ignored (the scorer's are used); a model-scope
+    allocator on a prefill-compressing scorer failed inside the forward."""
+    with pytest.raises(ValueError, match=match):
+        kvpress_like.DecodingPress(target=16, interval=4, **kwargs)
+    kvpress_like.DecodingPress(scorer=KnormPress(ratio=0.5, window=3, allocator="pyramid"), target=16, interval=4,
+                               compress_prefill=True)  # the same settings on the scorer: fine
