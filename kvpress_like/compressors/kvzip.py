@@ -84,26 +84,27 @@ def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, key_valid: 
     if total < r or h_q % h_kv:
         raise ValueError(f"keys [B, H_kv, N + R, D] {tuple(keys.shape)} do not fit queries {tuple(queries.shape)}")
     groups = h_q // h_kv
-    k_ctx, k_rep = keys[:, :, :n].float(), keys[:, :, n:].float()
-    q = queries.float().reshape(b, h_kv, groups, r, d)
-    ctx_padding = None if bool(key_valid[:, :n].all()) else ~key_valid[:, None, None, None, :n]
+    k_ctx, k_rep = keys[:, :, :n].float().transpose(-1, -2), keys[:, :, n:].float().transpose(-1, -2)  # [B, H_kv, D, *]
+    q = (queries.float() * scaling).reshape(b, h_kv, groups, r, d)
+    ctx_padding = None if bool(key_valid[:, :n].all()) else ~key_valid[:, None, None, :n]
     repeat_pos = torch.arange(r, device=keys.device)
     block = max(1, min(r, _SCORE_ELEMENTS // max(1, b * h_q * total)))
     best = torch.full((b, h_kv, n), -math.inf, dtype=torch.float32, device=keys.device)
     for start in range(0, r, block):
         stop = min(r, start + block)
-        qb = q[:, :, :, start:stop]
-        ctx = torch.einsum("bhgqd,bhkd->bhgqk", qb, k_ctx) * scaling  # [B, H_kv, G, c, N]
+        c = stop - start
+        qb = q[:, :, :, start:stop].reshape(b, h_kv, groups * c, d)  # rows: (group member, query)
+        ctx = torch.matmul(qb, k_ctx)  # [B, H_kv, G * c, N] logits of the context entries
         if ctx_padding is not None:
-            ctx = ctx.masked_fill(ctx_padding, -math.inf)
-        rep = torch.einsum("bhgqd,bhkd->bhgqk", qb, k_rep) * scaling  # [B, H_kv, G, c, R]
+            ctx.masked_fill_(ctx_padding, -math.inf)
+        rep = torch.matmul(qb, k_rep).view(b, h_kv, groups, c, r)  # logits of the reconstruction entries
         allowed = key_valid[:, None, n:] & (repeat_pos[None, :] <= repeat_pos[start:stop, None])[None]  # [B, c, R]
-        rep = rep.masked_fill(~allowed[:, None, None], -math.inf)
-        lse = torch.logaddexp(ctx.logsumexp(-1), rep.logsumexp(-1))  # [B, H_kv, G, c]: the softmax's normaliser
+        rep.masked_fill_(~allowed[:, None, None], -math.inf)
+        lse = torch.logaddexp(ctx.logsumexp(-1).view(b, h_kv, groups, c), rep.logsumexp(-1))  # softmax normaliser
         # a padding query, or one that sees no real entry, gives no score
         lse = lse.masked_fill(~query_valid[:, None, None, start:stop] | (lse == -math.inf), math.inf)
-        ctx -= lse[..., None]  # log of the softmax weights of the context entries
-        best = torch.maximum(best, ctx.amax(dim=(2, 3)))
+        ctx -= lse.view(b, h_kv, groups * c, 1)  # log of the softmax weights of the context entries
+        best = torch.maximum(best, ctx.amax(dim=2))
     return best.exp()  # exp(-inf) = 0 where no real query saw a real entry
 
 
