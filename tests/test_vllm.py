@@ -238,3 +238,35 @@ def test_compactor_in_vllm_matches_the_library_scorer(engine):
                                     score=lambda k: torch.zeros(k.shape[:3]).scatter(-1, next(layers), 1.0))
     assert used[1] == math.ceil((PROMPT // 2 + 1) / BLOCK)
     assert logprobs == pytest.approx(reference, abs=1e-3)
+
+
+@needs_vllm
+def test_two_prompts_prefilled_in_one_step(engine):
+    """Two prompts of different lengths scheduled in the same step are each compacted in their own blocks, and a
+    third request without compression decodes next to them."""
+    from vllm import SamplingParams
+
+    from kvpress_like import press_from_dict
+
+    llm, model = engine
+    prompts = {"a": _prompt(4), "b": _prompt(5)[:150]}
+    integration.install(press_from_dict({"press": "knorm", "ratio": 0.5}))
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=0, detokenize=False)
+    for name, ids in prompts.items():
+        llm.llm_engine.add_request(f"batch-{name}", {"prompt_token_ids": ids}, params)
+    llm.llm_engine.step()  # both prompts prefilled together
+    integration.install(None)
+    llm.llm_engine.add_request("batch-c", {"prompt_token_ids": _prompt(6)[:120]}, params)
+    outputs = {}
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0]
+    prompts["c"] = _prompt(6)[:120]
+    for name, ids in prompts.items():
+        completion = outputs[f"batch-{name}"]
+        tokens = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+        score = None if name == "c" else (lambda k: -k.norm(dim=-1))
+        reference = _reference_logprobs(model, ids, tokens, 0.5 if score else 0.0, score=score)
+        assert logprobs == pytest.approx(reference, abs=1e-3), name
