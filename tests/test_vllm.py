@@ -1,11 +1,12 @@
 """The vLLM integration (kvpress_like.integrations.vllm).
 
 The first tests need no vLLM (configuration, kept counts, import hygiene). The others run only where vLLM is
-installed (its own venv: benchmarks/vllm/setup_venv.sh, then ``/work/vllm-venv/bin/python -m pytest tests/test_vllm.py``)
-and are skipped elsewhere. They serve a tiny random Llama (head dim 64, the CPU attention kernel's smallest common
-size) from a temporary directory with one in-process engine, and compare vLLM's log-probabilities of its own greedy
-tokens with a naive reference written here: a transformers forward whose cache keeps, per layer and KV head, the
-tokens the press would keep, decoded with the positions of the uncompressed prompt.
+installed (its own venv: benchmarks/vllm/setup_venv.sh, then
+``/work/vllm-venv/bin/python -m pytest tests/test_vllm.py``) and are skipped elsewhere. They serve a tiny random
+Llama (head dim 64, the CPU attention kernel's smallest common size) from a temporary directory with one in-process
+engine, and compare vLLM's log-probabilities of its own greedy tokens with a naive reference written here: a
+transformers forward whose cache keeps, per layer and KV head, the tokens the press would keep, decoded with the
+positions of the uncompressed prompt.
 """
 
 from __future__ import annotations

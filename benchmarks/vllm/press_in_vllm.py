@@ -41,6 +41,7 @@ def build_engine(args, num_blocks: int | None = None):
     llm = LLM(model=str(common.model_dir()), dtype="float32", max_model_len=args.length + args.new_tokens + 64,
               enable_prefix_caching=False, enforce_eager=True, seed=0, distributed_executor_backend="uni",
               async_scheduling=False, max_num_batched_tokens=max(4096, args.length + 64), block_size=args.block_size,
+              enable_chunked_prefill=False,  # a prompt split over two steps would stay uncompressed
               max_num_seqs=args.max_num_seqs, **extra)
     return llm, integration
 

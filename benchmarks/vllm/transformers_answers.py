@@ -37,7 +37,8 @@ def main() -> None:
     data = json.loads(Path(args.results).read_text(encoding="utf-8"))
     model, tokenizer = load_default_model()
     eos = tokenizer.eos_token_id
-    table = {name: {"identical": 0, "n": 0, "vllm_hits": 0, "hf_hits": 0, "first_diffs": []} for name in data["presses"]}
+    table = {name: {"identical": 0, "n": 0, "vllm_hits": 0, "hf_hits": 0, "first_diffs": []}
+             for name in data["presses"]}
     rows = []
     for sample in data["samples"]:
         ids = torch.tensor([sample["prompt_ids"]])

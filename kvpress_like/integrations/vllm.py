@@ -24,8 +24,8 @@ starts; without it the plugin does nothing. Requirements (checked, with a clear 
 forward hooks do not run inside a compiled graph), ``enable_prefix_caching=False`` (compacted blocks no longer hold
 the tokens their hashes name), no asynchronous scheduling, no speculative decoding, a single KV cache group of full
 attention layers with Llama-style attention modules (``qkv_proj``, ``rotary_emb``, ``attn``; no ``k_norm``), and a
-uniform allocator. A prompt prefilled in several chunks, a resumed (preempted) request and the prefix-cache path are
-left uncompressed.
+uniform allocator. A prompt prefilled in several chunks (a warning names it; ``enable_chunked_prefill=False`` avoids
+it), a resumed (preempted) request and the prefix-cache path are left uncompressed.
 
 Nothing here imports vLLM at import time; :func:`register` (the entry point) imports it.
 """
@@ -77,7 +77,8 @@ def press_from_env():
     try:
         data = json.loads(text)
     except ValueError as error:
-        raise ValueError(f"{ENV} must be JSON such as '{{\"press\": \"knorm\", \"ratio\": 0.5}}'; got {text!r}") from error
+        example = json.dumps({"press": "knorm", "ratio": 0.5})
+        raise ValueError(f"{ENV} must be JSON such as '{example}'; got {text!r}") from error
     if not isinstance(data, dict) or "press" not in data:
         raise ValueError(f"{ENV} must be a JSON object with a 'press' key (Press.to_dict()); got {text!r}")
     from ..registry import press_from_dict
@@ -171,6 +172,7 @@ def whole_prompt(num_computed: int, num_scheduled: int, num_prompt: int) -> bool
 class _SchedulerState:
     evicted: dict[str, int] = field(default_factory=dict)  # request id -> evicted tokens (block counts use tokens - e)
     pending: dict[str, int] = field(default_factory=dict)  # request id -> kept tokens, blocks not cut yet
+    warned: set[str] = field(default_factory=set)  # requests left uncompressed because their prefill is chunked
 
 
 def _scheduler_state(manager) -> _SchedulerState:
@@ -221,6 +223,12 @@ def _allocate_slots(original, manager, request, num_new_tokens, num_new_computed
         if blocks is not None:
             state.pending[rid] = kept_tokens(_press, request.num_prompt_tokens)
         return blocks
+    if (_press is not None and request.num_computed_tokens == 0 and num_new_tokens < request.num_prompt_tokens
+            and rid not in state.warned):
+        state.warned.add(rid)
+        logger.warning("kvpress-like: request %s's prompt (%d tokens) is prefilled in chunks and stays uncompressed; "
+                       "set enable_chunked_prefill=False and max_num_batched_tokens >= the longest prompt",
+                       rid, request.num_prompt_tokens)
     return original(manager, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
 
 
@@ -238,6 +246,7 @@ def _free(original, manager, request):
     state = _scheduler_state(manager)
     state.evicted.pop(request.request_id, None)
     state.pending.pop(request.request_id, None)
+    state.warned.discard(request.request_id)
     return original(manager, request)
 
 
@@ -344,9 +353,11 @@ def _compress_layer(state: _WorkerState, index: int, parent, arch: _VllmArchitec
             values = v[s].reshape(job.n, hkv, d).transpose(0, 1)[None]
             ctx = LayerContext(
                 module=parent, layer_idx=index, num_layers=state.num_layers, layers=tuple(range(state.num_layers)),
-                arch=arch, hidden_states=keys.new_empty(1, job.n, 0), position_embeddings=(None, None), keys=keys, values=values,
+                arch=arch, hidden_states=keys.new_empty(1, job.n, 0), position_embeddings=(None, None), keys=keys,
+                values=values,
                 valid=torch.ones(1, job.n, dtype=torch.bool, device=keys.device),
-                projections={"q_rope": q[s].reshape(job.n, hq, d).transpose(0, 1)[None], "k": pre_rope_keys[s][None]},
+                projections={"q_rope": q[s].reshape(job.n, hq, d).transpose(0, 1)[None],
+                             "k": pre_rope_keys[s][None]},
             )
             indices, slot_valid = _press.select(ctx)  # [1, H_kv, P]
             if indices.shape[-1] != job.kept or not bool(slot_valid.all()):
