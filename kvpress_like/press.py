@@ -11,6 +11,7 @@ uniform allocator, and never fewer than ``min(n, n_sink + window)`` (its protect
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -171,6 +172,9 @@ class Press(metaclass=_CheckedPress):
         n_sink: number of first context tokens always kept.
         window: number of last context tokens always kept.
         compression_ratio: alias of ``ratio`` for users coming from kvpress.
+
+    A press is immutable configuration: it compares and hashes by its parameters, assigning one raises an
+    ``AttributeError``, and :meth:`replace` returns a changed copy.
     """
 
     name: ClassVar[str] = ""
@@ -203,7 +207,15 @@ class Press(metaclass=_CheckedPress):
             self.ratio = compression_ratio
 
     def __setattr__(self, name: str, value) -> None:
-        """Every assignment of a parameter is checked, at construction and after it (``p.ratio = 1.5`` raises)."""
+        """Parameters are checked as they are set while the press is built; once built, a press is immutable
+        configuration (it may be a dict key, and its hash follows its parameters), so assigning a parameter raises
+        an ``AttributeError`` that points to :meth:`replace`."""
+        built = self.__dict__.get("_built")
+        if built and (name == "compression_ratio" or (name in self.__dataclass_fields__
+                                                      and self.__dataclass_fields__[name].init)):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable configuration: cannot assign {name}; build a changed copy with "
+                f"p.replace({name}=...)")
         if name == "ratio":
             value = check_ratio(value)
         elif name in ("n_sink", "window"):
@@ -215,9 +227,27 @@ class Press(metaclass=_CheckedPress):
                 object.__setattr__(self, "_allocator", value)
             else:
                 raise TypeError(f"allocator must be an allocator name or an Allocator; got {value!r}")
-        elif name in self.__dataclass_fields__ and self.__dict__.get("_built"):
-            _check_type(name, self.__dataclass_fields__[name].type, value)
         object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> Press:
+        """A copy of this press with some parameters changed, built (and checked) like a new press:
+        ``p.replace(ratio=0.25)``, ``p.replace(allocator="pyramid")``; ``compression_ratio=`` is accepted as the
+        alias of ``ratio``. The press itself never changes.
+
+        Raises:
+            TypeError: a name that is not a parameter of this press.
+            ValueError: both ``ratio`` and ``compression_ratio``, or a value the press refuses.
+        """
+        if "compression_ratio" in changes:
+            if "ratio" in changes:
+                raise ValueError("pass either ratio or compression_ratio, not both")
+            changes["ratio"] = changes.pop("compression_ratio")
+        allowed = [f.name for f in fields(self) if f.init]
+        unknown = sorted(set(changes) - set(allowed))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.replace got unknown parameter(s) {', '.join(unknown)}; "
+                            f"its parameters are {', '.join(allowed)} (and compression_ratio, the alias of ratio)")
+        return dataclasses.replace(self, **changes)
 
     @property
     def allocator_instance(self) -> Allocator:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -297,7 +297,7 @@ class FailingPress(Press):
     """Test press whose scorer raises in the second compressible layer."""
 
     name = "failing_test"
-    calls: int = 0
+    calls: int = field(default=0, init=False)  # not a parameter (not in to_dict): a counter the test may update
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         self.calls += 1
@@ -400,23 +400,47 @@ def test_explicit_zero_ratio_with_compression_ratio_is_refused(make):
     ("allocator", "no_such_allocator", ValueError, "unknown allocator"),
     ("allocator", 3, TypeError, "allocator must be an allocator name or an Allocator"),
 ])
-def test_assignment_after_construction_is_checked(name, bad, error, match):
+def test_replace_checks_like_construction(name, bad, error, match):
     p = KnormPress(ratio=0.5, n_sink=2, window=2)
-    before = (p.ratio, p.n_sink, p.window, p.allocator, p._allocator)
+    before = p.to_dict()
     with pytest.raises(error, match=match):
-        setattr(p, name, bad)
-    assert (p.ratio, p.n_sink, p.window, p.allocator, p._allocator) == before
+        p.replace(**{name: bad})
+    assert p.to_dict() == before
 
 
-def test_valid_assignments_after_construction_take_effect():
+@pytest.mark.parametrize("name, value", [("ratio", 0.25), ("n_sink", 1), ("window", 3), ("allocator", "pyramid"),
+                                         ("compression_ratio", 0.25), ("ratio", 1.5)])
+def test_assignment_after_construction_is_refused(name, value):
+    """A press is immutable configuration (it may be a dict key): assigning a parameter, even a valid value, raises
+    and points to replace()."""
+    p = KnormPress(ratio=0.5, n_sink=2, window=2)
+    before, key = p.to_dict(), hash(p)
+    with pytest.raises(AttributeError, match=rf"KnormPress is immutable configuration: cannot assign {name}; "
+                                             rf"build a changed copy with p\.replace\({name}=\.\.\.\)"):
+        setattr(p, name, value)
+    assert p.to_dict() == before and hash(p) == key
+
+
+def test_replace_returns_a_changed_copy_that_takes_effect():
     model = cached_tiny_model("llama")
     ids = random_ids(20, seed=43)
     p = KnormPress(ratio=0.5)
-    p.ratio, p.allocator = 0.25, "pyramid"
-    assert p.ratio == 0.25 and type(p._allocator).__name__ == "PyramidAllocator"
-    p.allocator = "uniform"
-    cache = prefill(model, ids, p)
+    q = p.replace(ratio=0.25, allocator="pyramid")
+    assert (p.ratio, type(p._allocator).__name__) == (0.5, "UniformAllocator")  # the original is unchanged
+    assert q.ratio == 0.25 and type(q._allocator).__name__ == "PyramidAllocator"
+    assert p.replace(compression_ratio=0.25) == KnormPress(ratio=0.25)
+    cache = prefill(model, ids, q.replace(allocator="uniform"))
     assert all(layer.keys.shape[2] == 15 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"ratio": 0.2, "compression_ratio": 0.2}, ValueError, "pass either ratio or compression_ratio, not both"),
+    ({"reuse_group": 2}, TypeError, r"KnormPress.replace got unknown parameter\(s\) reuse_group; its parameters "
+                                    "are ratio, allocator, n_sink, window"),
+])
+def test_replace_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        KnormPress(ratio=0.5).replace(**changes)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -431,13 +455,13 @@ def test_parameter_types_are_checked_at_construction(make, match):
         make()
 
 
-def test_parameter_types_are_checked_on_assignment_too():
+def test_parameter_types_are_checked_in_replace_too():
     p = RandomPress(ratio=0.5, seed=3)
     with pytest.raises(TypeError, match="seed must be an int"):
-        p.seed = "x"
-    assert p.seed == 3
-    p.seed = 4
-    assert p.seed == 4
+        p.replace(seed="x")
+    with pytest.raises(AttributeError, match="cannot assign seed"):
+        p.seed = 4
+    assert p.seed == 3 and p.replace(seed=4).seed == 4
 
 
 # -- unsupported caches and generation modes, all-padding rows ---------------------------------------------------------

@@ -78,6 +78,41 @@ def test_every_press_round_trips_with_its_allocator(name, ratio, allocator):
     assert hash(back) == hash(p) and back == p
 
 
+@pytest.mark.parametrize("name", kvpress_like.list_presses())
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ratio=st.floats(0.0, 0.95), other=st.floats(0.0, 0.95), allocator=allocators(), data=st.data())
+def test_every_press_is_immutable_hashable_configuration(name, ratio, other, allocator, data):
+    """Hash stable and equal for equal presses; replace() round-trips and changes only what it is given; assigning
+    any parameter is refused and changes nothing."""
+    try:
+        p = build(name, ratio, allocator)
+    except ValueError as error:  # a combination the press refuses, clearly (see the round-trip test above)
+        if "allocator" not in str(error):
+            raise
+        allocator = "uniform"
+        p = build(name, ratio, allocator)
+    key, described = hash(p), p.to_dict()
+    twin = build(name, ratio, allocator)
+    assert twin == p and hash(twin) == key and len({p, twin}) == 1
+    copy = p.replace()
+    assert copy is not p and copy == p and hash(copy) == key
+    assert {p: "value"}[copy] == "value"
+    if name in WRAPPERS:  # the ratio is the wrapped scorer's: change it there
+        changed = p.replace(scorer=p.scorer.replace(ratio=other) if name == "decoding" else p.scorer.replace(n_sink=3))
+        assert changed.scorer != p.scorer or (name == "decoding" and other == ratio)
+    else:
+        changed = p.replace(compression_ratio=other)
+        assert changed.ratio == other and changed.replace(ratio=ratio) == p
+        assert (changed == p) == (other == ratio)
+        rest = {k: v for k, v in changed.to_dict().items() if k not in ("press", "ratio")}
+        assert rest == {k: v for k, v in described.items() if k not in ("press", "ratio")}
+    assert p.to_dict() == described and hash(p) == key  # replace never changes the original
+    parameter = data.draw(st.sampled_from(sorted(k for k in described if k != "press") + ["compression_ratio"]))
+    with pytest.raises(AttributeError, match=f"cannot assign {parameter}; build a changed copy with p.replace"):
+        setattr(p, parameter, getattr(p, parameter, 0.5))
+    assert p.to_dict() == described and hash(p) == key
+
+
 def test_allocator_parameters_survive_the_round_trip():
     """The two cases that used to fail: pyramid's beta came back as the default, per_layer could not be rebuilt."""
     p = KnormPress(ratio=0.5, allocator=PyramidAllocator(beta=5))
@@ -119,7 +154,10 @@ def test_chunkkv_reuse_group_under_a_model_scope_allocator_is_refused(allocator)
         ChunkKVPress(ratio=0.5, reuse_group=2, allocator=allocator)
     ChunkKVPress(ratio=0.5, reuse_group=1, allocator=allocator)  # no reuse asked: fine
     p = ChunkKVPress(ratio=0.5, reuse_group=2)
-    p.allocator = allocator  # assigned after construction: refused when installed
+    with pytest.raises(ValueError, match="needs a layer-scope allocator"):
+        p.replace(allocator=allocator)  # a changed copy is checked like a new press
+    object.__setattr__(p, "allocator", allocator)  # forced past the immutability: still refused when installed
+    object.__setattr__(p, "_allocator", kvpress_like.registry.get_allocator(allocator))
     with pytest.raises(ValueError, match="needs a layer-scope allocator"):
         with kvpress_like.press(cached_tiny_model("llama"), p):
             pass
