@@ -263,11 +263,11 @@ def test_refusals():
     from kvpress_like.chunked import chunked_prefill
     from kvpress_like.decoding import DecodingPress
 
-    with pytest.raises(ValueError, match="overrides"):
+    with pytest.raises(ValueError, match="FastKVPress is not a plain scorer"):
         CalibratedPress(scorer=FastKVPress(ratio=0.5))
     with pytest.raises(ValueError, match="cannot score while decoding"):
         DecodingPress(scorer=FastKVPress(ratio=0.5))
-    with pytest.raises(ValueError, match="overrides"):
+    with pytest.raises(ValueError, match="FastKVPress is not a plain scorer"):
         chunked_prefill(model, FastKVPress(ratio=0.5), ids[:1], chunk_size=8)
     with pytest.raises(RuntimeError, match="installed with press"):
         FastKVPress(ratio=0.5).compress(layer_context(model, torch.zeros(1, 4, 5, 16), torch.zeros(1, 2, 5, 16)))

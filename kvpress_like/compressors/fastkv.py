@@ -192,6 +192,7 @@ class FastKVPress(Press):
     """
 
     name = "fastkv"
+    is_plain_scorer = False  # compress() and install(): token propagation
     installs_hooks = True
     window: int = 8
     kernel_size: int = 7
