@@ -242,6 +242,7 @@ class CalibratedPress(Press):
 
     name: ClassVar[str] = "calibrated"
     defers_selection: ClassVar[bool] = True
+    is_plain_scorer: ClassVar[bool] = False  # install(): chooses the ratio after the prefill
     scorer: Press | str = "compactor"
     quality: float = 0.95
     params: str | None = None
@@ -261,11 +262,10 @@ class CalibratedPress(Press):
             self.scorer = create_press(self.scorer)
         if not isinstance(self.scorer, Press) or isinstance(self.scorer, CalibratedPress):
             raise TypeError(f"scorer must be a (non-calibrated) Press or a press name; got {self.scorer!r}")
-        overrides = [n for n in ("select", "compress", "after_forward") if getattr(type(self.scorer), n) is not
-                     getattr(Press, n)]
-        if overrides:
-            raise ValueError(f"{type(self.scorer).__name__} overrides {', '.join(overrides)}; calibrated compression "
-                             "needs a press that scores tokens and lets its allocator select")
+        if not self.scorer.is_plain_scorer:
+            raise ValueError(f"{type(self.scorer).__name__} is not a plain scorer (it selects, installs hooks or acts "
+                             "while decoding by itself); calibrated compression needs a press that scores tokens "
+                             "and lets its allocator select")
         self.quality = _check_quality(self.quality)
         if not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"min_retention must be in (0, 1]; got {self.min_retention!r}")

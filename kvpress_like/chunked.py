@@ -40,6 +40,8 @@ class _ChunkedPress(Press):
     per-prefill ``hooks.state`` (the first chunk is the prefill; later chunks extend it), not on this press."""
 
     name = "chunked_prefill"
+    is_plain_scorer = False
+    acts_while_decoding = True  # after_forward compresses after every forward
     reads_whole_prefill = True
 
     def __init__(self, inner: Press):
@@ -81,17 +83,16 @@ def check_press(p: Press) -> None:
 
     Raises:
         TypeError: ``p`` is not a press.
-        ValueError: it overrides selection, compression or decoding, or uses another allocator.
+        ValueError: it is not a plain scorer (``Press.is_plain_scorer``: it selects, installs hooks or acts while
+            decoding by itself), or uses another allocator.
     """
     if not isinstance(p, Press):
         raise TypeError(f"chunked_prefill needs a Press; got {type(p).__name__}")
-    overrides = [name for name in ("select", "compress", "after_forward") if getattr(type(p), name) is not
-                 getattr(Press, name)]
-    if overrides or not isinstance(p.allocator_instance, UniformAllocator):
-        raise ValueError(
-            f"chunked prefill supports presses that score tokens with the uniform allocator; {type(p).__name__} "
-            f"{'overrides ' + ', '.join(overrides) if overrides else 'uses allocator ' + p.allocator_instance.name}"
-        )
+    if not p.is_plain_scorer or not isinstance(p.allocator_instance, UniformAllocator):
+        reason = ("is not a plain scorer (it selects, installs hooks or acts while decoding by itself)"
+                  if not p.is_plain_scorer else "uses allocator " + p.allocator_instance.name)
+        raise ValueError(f"chunked prefill supports presses that score tokens with the uniform allocator; "
+                         f"{type(p).__name__} {reason}")
 
 
 def _check(model, p: Press, input_ids: torch.Tensor, chunk_size: int) -> None:

@@ -51,6 +51,8 @@ class DecodingPress(Press):
     """
 
     name = "decoding"
+    is_plain_scorer = False
+    acts_while_decoding = True
     scorer: Press | str = "knorm"
     target: int = 1024
     interval: int = 64

@@ -77,7 +77,7 @@ def answer_on_cache(model, cache, context_ids: torch.Tensor, suffix_ids: torch.T
     if context_length != context_ids.shape[1]:
         raise ValueError(f"the cache has seen {context_length} tokens but context_ids has {context_ids.shape[1]}")
     installed = active_press(model)
-    on_copy = installed is not None and type(installed).after_forward is not Press.after_forward
+    on_copy = installed is not None and installed.acts_while_decoding
     work = copy.deepcopy(cache) if on_copy else cache
     for layer in work.layers:  # sliding-window layers must remember evicted states to be cropped back
         if hasattr(layer, "activate_past_recording"):

@@ -303,11 +303,35 @@ class Press(metaclass=_CheckedPress):
         """Whether a context's first forward is compressed (``ratio > 0``)."""
         return self.ratio > 0
 
+    # -- capabilities: what a press declares about itself, read by the modules that build on presses -----------------
     defers_selection: ClassVar[bool] = False  # True: select after the whole prefill forward (see ``install``)
     installs_hooks: ClassVar[bool] = False  # True: install() adds model-level hooks (FastKV's token propagation)
     # True: after_forward selects among every entry of a cache's first forward (chunked prefill), so a sliding-window
     # layer must hold that forward whole, as when the prefill is compressed
     reads_whole_prefill: ClassVar[bool] = False
+    # True: the prefill flow is exactly score() -> allocator -> select_top -> store, with no selection, hooks or
+    # decoding action of its own, so a caller may take score() and select by itself (chunked prefill, calibration,
+    # the runner's shared prefill). A class overriding select, compress, install or after_forward must declare it.
+    is_plain_scorer: ClassVar[bool] = True
+    # True: after_forward changes the cache after forwards that are not the prefill (decoding-time compression), so
+    # a cache answered on under this press cannot be cropped back. A class overriding after_forward must declare it.
+    acts_while_decoding: ClassVar[bool] = False
+
+    _FLOW_METHODS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "is_plain_scorer": ("select", "compress", "install", "after_forward"),
+        "acts_while_decoding": ("after_forward",),
+    }
+
+    def __init_subclass__(cls, **kwargs):
+        """A class that replaces part of the prefill flow declares the capabilities that change with it (a missing
+        declaration would let chunked prefill or calibration silently bypass the replaced method)."""
+        super().__init_subclass__(**kwargs)
+        for flag, methods in Press._FLOW_METHODS.items():
+            replaced = [m for m in methods if m in cls.__dict__]
+            declared = any(flag in k.__dict__ for k in cls.__mro__ if k is not Press)
+            if replaced and not declared:
+                raise TypeError(f"{cls.__name__} overrides {', '.join(replaced)}: declare the class attribute {flag} "
+                                f"(True or False; see Press and docs/plugins.md, 'writing a scorer')")
 
     @property
     def score_depends_on_ratio(self) -> bool:

@@ -151,7 +151,7 @@ def test_ratio_auto_builds_a_calibrated_press_and_bad_combinations_fail():
         CompactorPress(ratio=0.5, quality=0.9)
     with pytest.raises(ValueError, match="do not pass ratio"):
         CalibratedPress(scorer="compactor", ratio=0.5)
-    with pytest.raises(ValueError, match="overrides"):
+    with pytest.raises(ValueError, match="ChunkKVPress is not a plain scorer"):
         CalibratedPress(scorer="chunkkv")
     with pytest.raises(TypeError, match="scorer must be"):
         CalibratedPress(scorer=42)

@@ -430,7 +430,7 @@ BAD_ARGUMENTS = [
     (["run", "--ratio", "auto", "--calibration", "{not_json}"], "is not readable JSON"),
     (["run", "--chunk-size", "64", "--allocator", "head_adaptive"], "uses allocator head_adaptive"),
     (["run", "--chunk-size", "64", "--press-arg", "allocator=head_adaptive"], "uses allocator head_adaptive"),
-    (["run", "--chunk-size", "64", "--press", "chunkkv"], "ChunkKVPress overrides compress"),
+    (["run", "--chunk-size", "64", "--press", "chunkkv"], "ChunkKVPress is not a plain scorer"),
     (["run", "--allocator", "pyramid", "--press-arg", "allocator=uniform"], "give the allocator once"),
     (["run", "--context-file", "{not_utf8}"], "is not UTF-8 text (invalid byte 0xe9 at offset 3)"),
     (["run", "--model", "{not_a_model}"], "not a model directory (no config.json"),

@@ -221,3 +221,65 @@ def test_decoding_press_refuses_what_it_would_ignore(kwargs, match):
         kvpress_like.DecodingPress(target=16, interval=4, **kwargs)
     kvpress_like.DecodingPress(scorer=KnormPress(ratio=0.5, window=3, allocator="pyramid"), target=16, interval=4,
                                compress_prefill=True)  # the same settings on the scorer: fine
+
+
+# -- capability flags (issue 15 item 2): what a press declares replaces method-identity checks ----------------------
+PLAIN = {"chunkkv": False, "kvzip": False, "fastkv": False, "razor_attention": False, "decoding": False,
+         "calibrated": False}
+
+
+@pytest.mark.parametrize("name", kvpress_like.list_presses())
+def test_every_press_declares_whether_it_is_a_plain_scorer(name):
+    """Exactly the presses that select, install hooks or act after a forward by themselves are not plain scorers;
+    only decoding-time compression acts while decoding."""
+    cls = kvpress_like.registry.get_press_class(name)
+    assert cls.is_plain_scorer is PLAIN.get(name, True)
+    assert cls.acts_while_decoding is (name == "decoding")
+    replaces_flow = any(getattr(cls, m) is not getattr(kvpress_like.Press, m)
+                        for m in ("select", "compress", "install", "after_forward"))
+    assert replaces_flow is not cls.is_plain_scorer  # the declaration matches the code (checked here, once)
+
+
+def test_a_class_replacing_the_flow_must_declare_its_capabilities():
+    with pytest.raises(TypeError, match="OwnSelection overrides select: declare the class attribute is_plain_scorer"):
+        class OwnSelection(kvpress_like.Press):
+            def select(self, ctx):
+                raise AssertionError
+
+    with pytest.raises(TypeError, match="OwnDecoding overrides after_forward: declare the class attribute "
+                                        "acts_while_decoding"):
+        class OwnDecoding(kvpress_like.Press):
+            is_plain_scorer = False
+
+            def after_forward(self, hooks, module, kwargs, cache, was_prefill):
+                pass
+
+    class Declared(kvpress_like.Press):
+        is_plain_scorer = False
+
+        def compress(self, ctx):
+            raise AssertionError
+
+    class Inherited(Declared):  # the parent's declaration holds for a subclass that overrides again
+        def compress(self, ctx):
+            raise AssertionError
+
+    assert Inherited.is_plain_scorer is False and Inherited.acts_while_decoding is False
+
+
+def test_consumers_read_the_flags_not_the_methods():
+    """A plain scorer's subclass that declares itself not plain (its methods unchanged) is refused by chunked
+    prefill and calibration: they read the declaration. (answer_on_cache reading acts_while_decoding is covered by
+    test_pipeline's DecodingPress tests.)"""
+    from kvpress_like.calibration import CalibratedPress
+    from kvpress_like.chunked import check_press
+
+    class NotPlain(KnormPress):
+        is_plain_scorer = False
+
+    with pytest.raises(ValueError, match="NotPlain is not a plain scorer"):
+        check_press(NotPlain(ratio=0.5))
+    with pytest.raises(ValueError, match="NotPlain is not a plain scorer"):
+        CalibratedPress(scorer=NotPlain())
+    check_press(KnormPress(ratio=0.5))  # the plain parent passes
+    CalibratedPress(scorer=KnormPress())

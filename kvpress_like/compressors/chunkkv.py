@@ -43,6 +43,7 @@ class ChunkKVPress(Press):
     """
 
     name = "chunkkv"
+    is_plain_scorer = False  # compress() selects whole chunks
     window: int = 64
     scorer: Press | str = field(default_factory=SnapKVPress)
     chunk_size: int = 10

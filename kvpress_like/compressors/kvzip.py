@@ -206,6 +206,7 @@ class KVzipPress(Press):
 
     name: ClassVar[str] = "kvzip"
     defers_selection: ClassVar[bool] = True
+    is_plain_scorer: ClassVar[bool] = False  # scores come from a second forward (install, select)
     n_sink: int = 4
     chunk_size: int = 2048
     instruction: str = "Repeat the previous context exactly."

@@ -279,6 +279,7 @@ class RazorAttentionPress(Press):
     """
 
     name = "razor_attention"
+    is_plain_scorer = False  # compress() keeps retrieval heads whole; install() profiles them
     installs_hooks = True
     n_sink: int = 4
     induction_fraction: float = 0.14

@@ -134,15 +134,13 @@ class SharedPrefill:
     """
 
     def __init__(self, model, specs: list[PressSpec], ratios: Iterable[float] = ()):
-        from ..calibration import CalibratedPress, ScoreRecorder
+        from ..calibration import ScoreRecorder
 
         self.model = model
         presses = {}
         for spec in specs:
             p = spec.create(0.0)
-            try:
-                CalibratedPress(scorer=p)
-            except (TypeError, ValueError):
+            if not p.is_plain_scorer:  # it selects by itself: its own prefill per cell
                 continue
             if spec.create(0.5).score_depends_on_ratio:
                 presses.update({_scorer_key(spec.label, r): spec.create(r) for r in ratios if r > 0})

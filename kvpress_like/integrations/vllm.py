@@ -98,9 +98,10 @@ def check_press(press) -> None:
     if allocator != "uniform":
         raise ValueError(f"the vLLM integration supports the uniform allocator only (every head keeps the same "
                          f"number of tokens, so the blocks freed follow from the prompt length); got {allocator!r}")
-    if type(press).install is not Press.install or type(press).after_forward is not Press.after_forward:
-        raise ValueError(f"{type(press).__name__} installs its own hooks or acts while decoding; the vLLM "
-                         "integration runs plain prefill presses only (score -> uniform allocation -> select)")
+    if not press.is_plain_scorer:
+        raise ValueError(f"{type(press).__name__} is not a plain scorer (it selects, installs hooks or acts while "
+                         "decoding by itself); the vLLM integration runs plain prefill presses only (score -> uniform "
+                         "allocation -> select)")
 
 
 def kept_tokens(press, n_tokens: int) -> int:
