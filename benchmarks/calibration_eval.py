@@ -79,18 +79,25 @@ def run(args) -> None:
                     full = prefill(model, context_ids)
                     record = {"task": task, "length": length, "index": index, "seed": args.seed,
                               "tokens": context_ids.shape[1], "features": {}, "grid": {}}
-                    caches, cells = [copy.deepcopy(full)], []
+                    cells = [(None, None)]  # row 0: the full cache; then one row per (press, retention)
                     for name in recorder.scorers:
                         record["features"][name] = recorder.features(name, context_ids.shape[1])
-                        for retention in [r for r in args.grid if r < 1.0]:
-                            cache = copy.deepcopy(full)
-                            recorder.compress_at(name, cache, 1.0 - retention)
-                            caches.append(cache)
-                            cells.append((name, {"retention": retention, "kept": kept_fraction(cache)}))
+                        cells += [(name, r) for r in args.grid if r < 1.0]
+                    nlls, answers = [], []
+                    for first in range(0, len(cells), args.batch):  # a batch of rows at a time (memory)
+                        caches = []
+                        for j, (name, retention) in enumerate(cells[first : first + args.batch]):
+                            caches.append(copy.deepcopy(full))
+                            if name is not None:
+                                recorder.compress_at(name, caches[-1], 1.0 - retention)
+                                cells[first + j] = (name, {"retention": retention, "kept": kept_fraction(caches[-1])})
+                        batch = stack_padded(caches)
+                        del caches
+                        nlls += answer_nlls(model, batch, suffix_ids, answer_ids)
+                        answers += answer_rows(model, batch, context_ids, suffix_ids, budget)
+                        del batch
                     del full
-                    batch = stack_padded(caches)  # row 0: the full cache; then one row per (press, retention)
-                    nlls = answer_nlls(model, batch, suffix_ids, answer_ids)
-                    answers = answer_rows(model, batch, context_ids, suffix_ids, budget)
+                    cells = cells[1:]
                 predictions = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
                 scores = [score(sample.metric, x, sample.answers) for x in predictions]
                 record["full"] = {"score": scores[0], "nll": nlls[0], "prediction": predictions[0]}
@@ -147,21 +154,17 @@ def fixed_retention_for(records, name, mean_kept: float) -> float:
 
 def oracle_choice(records, name, mean_kept: float, key: str = "score") -> list[float]:
     """Per context, the grid retention chosen with hindsight: maximise the summed ``key`` subject to the mean kept
-    fraction <= ``mean_kept`` (Lagrangian sweep: each context maximises value - lam * kept; the largest value over
-    the sweep's feasible choices, ties to less memory)."""
+    fraction <= ``mean_kept`` (Lagrangian sweep: each context maximises value - lam * kept, ties to less memory; the
+    best feasible choice over the sweep)."""
+    table = [[(cell_value(r, name, c["retention"], key), c["kept"], c["retention"]) for c in r["grid"][name]]
+             for r in records]
     best, best_value = None, -math.inf
-    for lam in [x / 200 for x in range(0, 2001)]:
-        choice = []
-        for r in records:
-            cells = r["grid"][name]
-            values = [(cell_value(r, name, c["retention"], key) - lam * c["kept"], -c["kept"], c["retention"])
-                      for c in cells]
-            choice.append(max(values)[2])
-        kept = sum(cell_value(r, name, x, "kept") for r, x in zip(records, choice)) / len(records)
-        if kept <= mean_kept + 1e-9:
-            value = sum(cell_value(r, name, x, key) for r, x in zip(records, choice))
+    for lam in [x / 100 for x in range(0, 501)]:
+        picks = [max(cells, key=lambda c: (c[0] - lam * c[1], -c[1])) for cells in table]
+        if sum(c[1] for c in picks) / len(picks) <= mean_kept + 1e-9:
+            value = sum(c[0] for c in picks)
             if value > best_value:
-                best, best_value = choice, value
+                best, best_value = [c[2] for c in picks], value
     return best
 
 
@@ -171,6 +174,44 @@ def measured_best(record, name, quality: float) -> float:
         if nll_quality(record["full"]["nll"], c["nll"]) >= quality:
             return c["retention"]
     return 1.0
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def loo_r_squared(features: list[list[float]], target: list[float]) -> float:
+    """Leave-one-out R² of a least-squares linear predictor (with intercept) of ``target`` from ``features``."""
+    x = torch.tensor([[1.0, *f] for f in features], dtype=torch.float64)
+    y = torch.tensor(target, dtype=torch.float64)
+    predictions = []
+    for i in range(len(target)):
+        keep = torch.arange(len(target)) != i
+        coef = torch.linalg.lstsq(x[keep], y[keep, None]).solution[:, 0]
+        predictions.append(float(x[i] @ coef))
+    return r_squared(predictions, target)
+
+
+def analyse(records, name, qualities) -> None:
+    """How well can a context's tolerated retention be predicted? Pearson r of each feature with the measured best
+    retention, and leave-one-out R² of small linear predictors on these contexts."""
+    from kvpress_like.calibration import FEATURES
+
+    print(f"\n{name}: measured best retention (smallest grid retention with NLL-quality >= target) against "
+          f"context features, {len(records)} contexts")
+    print("| quality target | mean best retention | " + " | ".join(f"r({f})" for f in FEATURES)
+          + " | LOO R² (context_nll) | LOO R² (all features) |")
+    print("|---:|---:|" + "---:|" * (len(FEATURES) + 2))
+    for quality in qualities:
+        best = [measured_best(r, name, quality) for r in records]
+        columns = {f: [r["features"][name][f] for r in records] for f in FEATURES}
+        rs = " | ".join(f"{pearson(columns[f], best):+.2f}" for f in FEATURES)
+        single = loo_r_squared([[v] for v in columns["context_nll"]], best)
+        every = loo_r_squared([[columns[f][i] for f in FEATURES] for i in range(len(records))], best)
+        print(f"| {quality:g} | {sum(best) / len(best):.3f} | {rs} | {single:.2f} | {every:.2f} |")
 
 
 def r_squared(predicted: list[float], measured: list[float]) -> float:
@@ -197,7 +238,7 @@ def report(args) -> None:
           f"calibration {source}\n")
     print("| press | quality target | kept (mean) | score calibrated | score fixed | calibrated − fixed (points) "
           "| 95 % CI | score oracle | oracle − fixed | share of oracle gain | NLL-q calibrated | NLL-q fixed "
-          "| NLL-q diff | 95 % CI | R² (NLL-q best retention) |")
+          "| NLL-q diff | 95 % CI | R² / r (predicted vs best retention) |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
     rows = []
     for name in names:
@@ -221,16 +262,18 @@ def report(args) -> None:
             gain = mean["oracle", "score"] - mean["fixed", "score"]
             share = (mean["calibrated", "score"] - mean["fixed", "score"]) / gain if gain > 0 else math.nan
             best = [measured_best(r, name, quality) for r in records]
-            r2 = r_squared(predicted, best)
+            r2, r = r_squared(predicted, best), pearson(predicted, best)
             rows.append({"press": name, "quality": quality, "mean_kept": mean_kept, "fixed_retention": fixed,
                          **{f"{k[0]}_{k[1]}": v for k, v in mean.items()}, "diff": vars(diff),
-                         "quality_diff": vars(qdiff), "oracle_share": share, "r2": r2})
+                         "quality_diff": vars(qdiff), "oracle_share": share, "r2": r2, "r": r})
             print(f"| {name} | {quality:g} | {mean_kept:.3f} | {100 * mean['calibrated', 'score']:.1f} "
                   f"| {100 * mean['fixed', 'score']:.1f} | {100 * diff.mean:+.1f} "
                   f"| [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] | {100 * mean['oracle', 'score']:.1f} "
                   f"| {100 * gain:+.1f} | {'–' if math.isnan(share) else f'{100 * share:.0f} %'} "
                   f"| {mean['calibrated', 'quality']:.3f} | {mean['fixed', 'quality']:.3f} | {qdiff.mean:+.3f} "
-                  f"| [{qdiff.low:+.3f}, {qdiff.high:+.3f}] | {r2:.2f} |")
+                  f"| [{qdiff.low:+.3f}, {qdiff.high:+.3f}] | {r2:.2f} / {r:+.2f} |")
+    for name in names:
+        analyse(records, name, args.quality)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     if args.plot:
@@ -274,6 +317,7 @@ def main() -> None:
     r.add_argument("--presses", nargs="+", default=["compactor"])
     r.add_argument("--grid", type=float, nargs="+", default=GRID, help="retentions (kept fractions asked)")
     r.add_argument("--max-new-tokens", type=int, default=24, help="decoding budget cap (default 24)")
+    r.add_argument("--batch", type=int, default=16, help="grid rows decoded together (lower: less memory)")
     r.add_argument("--output", required=True, help="JSON lines file (appended; resumable)")
     r.set_defaults(func=run)
     p = sub.add_parser("report", help="the paired comparison table from a run's records")
