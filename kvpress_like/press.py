@@ -154,7 +154,15 @@ class _CheckedPress(type):
         return super().__new__(mcs, name, bases, namespace, **kwargs)
 
     def __call__(cls, *args, **kwargs):
-        instance = super().__call__(*args, **kwargs)
+        """Build and check a press; ``ratio="auto"`` is routed to the factory :meth:`Press.calibrated` (so
+        ``CompactorPress(ratio="auto", quality=0.95)`` returns a :class:`~kvpress_like.calibration.CalibratedPress`
+        around a ``CompactorPress``; no class swaps its instances in ``__new__``)."""
+        if "auto" in (kwargs.get("ratio"), kwargs.get("compression_ratio"), args[0] if args else None):
+            rest = {k: v for k, v in kwargs.items() if k not in ("ratio", "compression_ratio")}
+            return cls.calibrated(*args[1:], **rest)  # args[0], when given, is the ratio
+        instance = cls.__new__(cls)
+        object.__setattr__(instance, "_ratio_passed", bool(args) or "ratio" in kwargs)
+        instance.__init__(*args, **kwargs)
         for f in fields(instance):
             _check_type(f.name, f.type, getattr(instance, f.name))
         instance.check_supported()
@@ -186,19 +194,22 @@ class Press(metaclass=_CheckedPress):
     window: int = 0
     compression_ratio: InitVar[float | None] = None
 
-    def __new__(cls, *args, **kwargs):
-        """``ratio="auto"`` builds a :class:`~kvpress_like.calibration.CalibratedPress` around this press instead:
-        ``CompactorPress(ratio="auto", quality=0.95)``."""
-        if "auto" in (kwargs.get("ratio"), kwargs.get("compression_ratio"), args[0] if args else None):
-            CalibratedPress = registry.get_press_class("calibrated")  # registered by the built-in plugin
-            if issubclass(cls, CalibratedPress):
-                raise ValueError("CalibratedPress chooses the ratio itself: do not pass ratio")
-            inner = {k: v for k, v in kwargs.items() if k not in ("ratio", "compression_ratio", *_CALIBRATION_ARGS)}
-            calibration = {k: kwargs[k] for k in _CALIBRATION_ARGS if k in kwargs}
-            return CalibratedPress(scorer=cls(*args[1:], **inner), **calibration)
-        instance = super().__new__(cls)
-        object.__setattr__(instance, "_ratio_passed", bool(args) or "ratio" in kwargs)
-        return instance
+    @classmethod
+    def calibrated(cls, *args, **kwargs) -> Press:
+        """A :class:`~kvpress_like.calibration.CalibratedPress` that chooses the ratio per context and scores with
+        ``cls(*args, **parameters)``; the calibration arguments (``quality``, ``params``, ``nll_positions``,
+        ``min_retention``) go to the calibrated press, the rest to the scorer. ``CompactorPress.calibrated(
+        quality=0.95)`` is what ``CompactorPress(ratio="auto", quality=0.95)`` returns.
+
+        Raises:
+            ValueError: ``cls`` is itself calibrated, or the scorer is not a plain scorer.
+        """
+        CalibratedPress = registry.get_press_class("calibrated")  # registered by the built-in plugin
+        if issubclass(cls, CalibratedPress):
+            raise ValueError("CalibratedPress chooses the ratio itself: do not pass ratio")
+        inner = {k: v for k, v in kwargs.items() if k not in _CALIBRATION_ARGS}
+        calibration = {k: kwargs[k] for k in _CALIBRATION_ARGS if k in kwargs}
+        return CalibratedPress(scorer=cls(*args, **inner), **calibration)
 
     def __post_init__(self, compression_ratio: float | None = None):
         if compression_ratio is not None:

@@ -283,3 +283,28 @@ def test_consumers_read_the_flags_not_the_methods():
         CalibratedPress(scorer=NotPlain())
     check_press(KnormPress(ratio=0.5))  # the plain parent passes
     CalibratedPress(scorer=KnormPress())
+
+
+def test_ratio_auto_goes_through_the_calibrated_factory_not_new():
+    """``CompactorPress(ratio="auto")`` is routed by the class call to ``CompactorPress.calibrated``; no press class
+    swaps its instances in ``__new__``, so copies and pickles are rebuilt as plain instances of their class."""
+    import copy
+    import pickle
+
+    from kvpress_like import CompactorPress
+    from kvpress_like.calibration import CalibratedPress
+
+    assert all("__new__" not in vars(c) for c in kvpress_like.Press.__subclasses__() + [kvpress_like.Press])
+    p = CompactorPress(ratio="auto", quality=0.9, window=4)
+    assert type(p) is CalibratedPress and p == CompactorPress.calibrated(quality=0.9, window=4)
+    assert p.scorer == CompactorPress(window=4) and p.quality == 0.9
+    assert type(kvpress_like.create_press("snapkv", compression_ratio="auto")) is CalibratedPress
+    with pytest.raises(ValueError, match="chooses the ratio itself"):
+        CalibratedPress.calibrated()
+    with pytest.raises(ValueError, match="is not a plain scorer"):
+        ChunkKVPress(ratio="auto")
+    q = KnormPress(compression_ratio=0.3, window=2)
+    for twin in (copy.copy(q), copy.deepcopy(q), pickle.loads(pickle.dumps(q)), pickle.loads(pickle.dumps(p))):
+        assert twin == (p if type(twin) is CalibratedPress else q)
+    with pytest.raises(AttributeError, match="cannot assign ratio"):
+        copy.deepcopy(q).ratio = 0.5  # a copy is as immutable as its original
