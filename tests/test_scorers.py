@@ -50,8 +50,12 @@ from kvpress_like.registry import architecture_for
 #: every registered prefill press ("decoding" and "calibrated" wrap a scorer: test_decoding.py, test_calibration.py)
 # razor_attention is a head policy without token scores (ragged layers with a compensation token); its determinism,
 # no-S x S and budget checks are in tests/test_razor_attention.py
+# kvzip and fastkv select after forwards of the whole model (reconstruction / token propagation), never one layer at a
+# time: their determinism and budget checks are in tests/test_kvzip.py and tests/test_fastkv.py, their no-S x S check
+# is test_whole_model_presses_build_no_s_by_s_tensor below
+WHOLE_MODEL_PRESSES = ("kvzip", "fastkv")
 PREFILL_PRESSES = [name for name in kvpress_like.list_presses()
-                   if name not in ("decoding", "calibrated", "razor_attention")]
+                   if name not in ("decoding", "calibrated", "razor_attention", *WHOLE_MODEL_PRESSES)]
 F64 = torch.float64
 
 
@@ -1223,17 +1227,19 @@ def test_padding_does_not_change_a_rows_chunks(name, kwargs):
 
 
 class MaxTensorRecorder(TorchDispatchMode):
-    """Records the largest tensor (numel) any aten op returns."""
+    """Records the largest tensor (numel) any aten op returns (floating-point ones only with ``floats_only``)."""
 
-    def __init__(self):
+    def __init__(self, floats_only: bool = False):
         super().__init__()
         self.largest = 0
         self.op = None
+        self.floats_only = floats_only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+            if (isinstance(t, torch.Tensor) and t.numel() > self.largest
+                    and (t.is_floating_point() or not self.floats_only)):
                 self.largest, self.op = t.numel(), str(func)
         return out
 
@@ -1276,11 +1282,32 @@ def test_no_scorer_builds_an_s_by_s_tensor(name):
         p = kvpress_like.create_press(name, ratio=0.5)
         for attr in ("chunk_size", "block_size"):
             if hasattr(p, attr) and name != "chunkkv":
-                setattr(p, attr, 256)
+                p = p.replace(**{attr: 256})
         with torch.no_grad(), MaxTensorRecorder() as rec:
             p.compress(ctx)
         largest[seq] = (rec.largest, rec.op)
     assert largest[2048][0] < 2048 * 2048 / 2, largest
+    assert largest[2048][0] <= 2.2 * largest[1024][0], largest
+
+
+@pytest.mark.parametrize("name", WHOLE_MODEL_PRESSES)
+def test_whole_model_presses_build_no_s_by_s_tensor(name):
+    """The same bound for the presses that run their own forwards, measured over a whole prefill of a tiny model:
+    floating-point tensors only, because transformers itself builds the boolean S x S causal mask of every forward
+    (sdpa attention never returns S x S weights). KVzip's reconstruction chunks are 256 tokens here, as the other
+    chunked scorers' (a chunk's float mask is chunk x (S + chunk))."""
+    from tiny_models import cached_tiny_model
+
+    model = cached_tiny_model("llama")
+    largest = {}
+    for seq in (1024, 2048):
+        ids = torch.randint(1, 100, (1, seq), generator=torch.Generator().manual_seed(0))
+        p = kvpress_like.create_press(name, ratio=0.5, **({"chunk_size": 256} if name == "kvzip" else {}))
+        with torch.no_grad(), kvpress_like.press(model, p), MaxTensorRecorder(floats_only=True) as rec:
+            model(ids, use_cache=True)
+        largest[seq] = (rec.largest, rec.op)
+    # below one head's S x S (KVzip's blocks of reconstruction weights are heads x chunk x S), and linear in S
+    assert largest[2048][0] < 2048 * 2048, largest
     assert largest[2048][0] <= 2.2 * largest[1024][0], largest
 
 
