@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import cached_tiny_model, full_attention_layers, prefill, random_ids
+from tiny_models import cached_tiny_model, full_attention_layers, prefill, random_ids, save_tiny_llama_dir
 from transformers import DynamicCache
 
 from kvpress_like import CompactorPress, KnormPress, create_press, press_from_dict
@@ -264,18 +264,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved with a word-level tokenizer (what ``--model DIR`` loads)."""
-    from tiny_tokenizer import make_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny_calibration_llama")
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny_calibration_llama"))
 
 
 def test_calibrate_command_writes_a_file_that_ratio_auto_reads(tiny_model_dir, tmp_path, capsys):
@@ -290,7 +279,8 @@ def test_calibrate_command_writes_a_file_that_ratio_auto_reads(tiny_model_dir, t
     assert "saved:" in capsys.readouterr().out
     data = load_calibration(output)
     assert data["fit"]["command"] == (f"kvpress-like calibrate --press compactor knorm --lengths 256 --samples 2 "
-                                      f"--seed 1000003 --tasks niah_single_1 --model {tiny_model_dir} --output {output}")
+                                      f"--seed 1000003 --tasks niah_single_1 --model {tiny_model_dir} "
+                                      f"--output {output}")
     assert data["fit"]["seconds"] > 0
     assert data["fit"]["tasks"] == ["niah_single_1"] and data["fit"]["lengths"] == [256]
     assert set(data["presses"]) == {"compactor", "knorm"}

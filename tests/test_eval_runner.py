@@ -5,8 +5,7 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_llama_dir
 
 from kvpress_like import cli
 from kvpress_like.eval import runner
@@ -18,17 +17,7 @@ pytest.importorskip("matplotlib")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama with a word-level tokenizer covering the essay words it will see."""
-    from tiny_tokenizer import make_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_eval_llama")
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny_eval_llama"))
 
 
 def run_cli(model_dir, output, *extra):

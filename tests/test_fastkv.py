@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model, torch_threads
 from transformers import DynamicCache
 
 from kvpress_like import press
@@ -24,10 +24,8 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 @pytest.fixture(autouse=True)
 def _single_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def model_of(arch: str, impl: str = "sdpa", layers: int = 4):

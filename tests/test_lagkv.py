@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import cached_tiny_model, left_pad, random_ids
+from tiny_models import cached_tiny_model, left_pad, random_ids, torch_threads
 from transformers import DynamicCache
 
 from kvpress_like import create_press, press
@@ -24,10 +24,8 @@ from kvpress_like.compressors.lagkv import LagKVPress, lagkv_scores
 
 @pytest.fixture(autouse=True)
 def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def naive_scores(keys, values, valid, n_sink, lag, weight):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import left_pad, random_ids, tiny_model
+from tiny_models import left_pad, random_ids, tiny_model, torch_threads
 from transformers import DynamicCache
 
 from kvpress_like import create_press, press
@@ -31,10 +31,8 @@ PERIOD, REPEATS = 12, 3
 
 @pytest.fixture(autouse=True)
 def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_model(arch="llama", attn="sdpa", seed=0):

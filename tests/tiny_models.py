@@ -179,3 +179,19 @@ def prefill(model, ids, p=None):
             with press(model, p):
                 model(ids, **{CACHE_KWARG: cache})
     return cache
+
+
+def save_tiny_llama_dir(directory):
+    """Save a tiny random Llama (seed 0) with the word-level test tokenizer to ``directory`` (what ``--model DIR``
+    loads) and return ``directory``."""
+    from tiny_tokenizer import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
