@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..press import LayerContext, Press
 
 EPS = 1e-6
@@ -115,8 +116,7 @@ class LagKVPress(Press):
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
-        if isinstance(self.lag_size, bool) or not isinstance(self.lag_size, int) or self.lag_size < 2:
-            raise ValueError(f"lag_size must be an int >= 2 (tokens per partition); got {self.lag_size!r}")
+        check_int("lag_size", self.lag_size, minimum=2)
         if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) or not (
                 self.value_weight >= 0):
             raise ValueError(f"value_weight must be a number >= 0; got {self.value_weight!r}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..kernels import non_causal_attention_scores as fused_column_sums
 from ..press import LayerContext, Press
 from .snapkv import pool
@@ -131,8 +132,7 @@ class NonCausalAttentionPress(Press):
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}")
+        check_int("chunk_size", self.chunk_size, minimum=1)
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
         if not isinstance(self.value_norm, bool):
