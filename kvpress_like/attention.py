@@ -52,8 +52,9 @@ def observe_queries(module: torch.nn.Module, fn: Callable[[torch.Tensor], None] 
         _QUERY_OBSERVERS[module] = fn
 
 
-def _groups(module: torch.nn.Module) -> int:
-    return getattr(module, "num_key_value_groups", 1)
+def _groups(query: torch.Tensor, key: torch.Tensor) -> int:
+    """Query heads per KV head, from the tensors themselves (``[B, H_q, q, D]`` and ``[B, H_kv, P, D]``)."""
+    return query.shape[1] // key.shape[1]
 
 
 def kvpress_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
@@ -73,7 +74,7 @@ def kvpress_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
         layer.record_new_tokens(attention_mask, q)
         out = ragged_layer_attention(query, layer, kwargs.get("scaling"))  # [B, H_q, q, D]
         return out.transpose(1, 2).contiguous(), None
-    mask = layer.attended_mask(attention_mask, q, None, _groups(module))
+    mask = layer.attended_mask(attention_mask, q, None, _groups(query, key))
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 
@@ -93,7 +94,7 @@ def kvpress_eager_attention(module, query, key, value, attention_mask, **kwargs)
     layer = updated_layer(key)
     if layer is None:
         return eager(module, query, key, value, attention_mask, **kwargs)
-    mask = layer.attended_mask(attention_mask, query.shape[2], query.dtype, _groups(module))
+    mask = layer.attended_mask(attention_mask, query.shape[2], query.dtype, _groups(query, key))
     return eager(module, query, key, value, mask, **kwargs)
 
 

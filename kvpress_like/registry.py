@@ -100,6 +100,9 @@ def register_plugin(plugin, name: str | None = None) -> None:
         manager.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
         raise PluginError(f"plugin {name or plugin!r}: {error}") from error
+    except ValueError as error:  # pluggy: the name or the object is already registered
+        raise PluginError(f"plugin {name or plugin!r} is already registered (unregister_plugin() it first, or "
+                          f"register it under another name): {error}") from error
     _check_hooks(manager, plugin)
     _invalidate()
 

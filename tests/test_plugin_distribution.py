@@ -237,6 +237,14 @@ def test_runtime_plugin_is_listed_and_unregistered(runtime_plugin):
     assert "runtime_llama" not in kvpress_like.list_architectures()
 
 
+def test_registering_twice_names_the_plugin(runtime_plugin):
+    with pytest.raises(registry.PluginError, match="plugin 'runtime' is already registered"):
+        kvpress_like.register_plugin(runtime_plugin, name="runtime")  # the same object again
+    with pytest.raises(registry.PluginError, match="plugin 'runtime' is already registered"):
+        kvpress_like.register_plugin(_RuntimePlugin(), name="runtime")  # another object under a taken name
+    assert "runtime_latest" in kvpress_like.list_presses()  # the first registration still works
+
+
 def test_hook_register_presses(runtime_plugin):
     assert "runtime_latest" in kvpress_like.list_presses()
     p = kvpress_like.create_press("runtime_latest", ratio=0.5)
