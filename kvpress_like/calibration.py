@@ -33,14 +33,14 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .press import Press
+from .press import Press, record_compression
 
 FORMAT = "kvpress-like-calibration/1"
 _QUALITY_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(params, press): QualityModel}
@@ -237,20 +237,20 @@ class CalibratedPress(Press):
         nll_positions: positions sampled to estimate the context's NLL.
         min_retention: the smallest retention ever chosen.
 
-    After each prefill, ``last_ratio``, ``last_retention`` and ``last_context_nll`` hold what was chosen.
+    What a prefill chose is recorded on the cache it compressed, not on the press (one calibrated press may compress
+    many caches, on several models at once): ``kvpress_like.compression_info(cache)`` gives ``ratio``,
+    ``retention``, ``context_nll`` and ``quality`` (see :func:`~kvpress_like.press.record_compression`).
     """
 
     name: ClassVar[str] = "calibrated"
     defers_selection: ClassVar[bool] = True
     is_plain_scorer: ClassVar[bool] = False  # install(): chooses the ratio after the prefill
+    chooses_ratio: ClassVar[bool] = True
     scorer: Press | str = "compactor"
     quality: float = 0.95
     params: str | None = None
     nll_positions: int = 512
     min_retention: float = 0.05
-    last_ratio: float | None = field(default=None, init=False, repr=False)
-    last_retention: float | None = field(default=None, init=False, repr=False)
-    last_context_nll: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
@@ -297,17 +297,24 @@ class CalibratedPress(Press):
             cached[key] = quality_model_for(data, self.scorer.name, source)
         return cached[key]
 
-    def choose_ratio(self, nll: float, model: nn.Module) -> float:
-        """The ratio (1 - retention) for a context of mean NLL ``nll``."""
+    def choose(self, nll: float, model: nn.Module) -> dict[str, float]:
+        """What this press chooses for a context of mean NLL ``nll`` on ``model`` (the press is not changed):
+        ``{"ratio": 1 - retention, "retention", "context_nll": nll, "quality"}``."""
         retention = self.quality_model(model).retention(self.quality, nll)
         retention = min(1.0, max(self.min_retention, retention if math.isfinite(retention) else 1.0))
-        self.last_context_nll, self.last_retention = nll, retention
-        self.last_ratio = min(max(0.0, 1.0 - retention), 0.999)
-        return self.last_ratio
+        return {"ratio": min(max(0.0, 1.0 - retention), 0.999), "retention": retention, "context_nll": nll,
+                "quality": self.quality}
+
+    def choose_ratio(self, nll: float, model: nn.Module) -> float:
+        """The ratio (1 - retention) for a context of mean NLL ``nll``."""
+        return self.choose(nll, model)["ratio"]
 
     def finish_prefill(self, scope, nll: float, model: nn.Module) -> None:
-        """Choose the ratio for a context of mean NLL ``nll`` and compress the prefilled cache."""
-        scope.finalize(scope.cache, self.choose_ratio(nll, model))
+        """Choose the ratio for a context of mean NLL ``nll``, compress the prefilled cache and record the choice on
+        it (:func:`~kvpress_like.press.record_compression`)."""
+        chosen = self.choose(nll, model)
+        scope.finalize(scope.cache, chosen["ratio"])
+        record_compression(scope.cache, self, **chosen)
 
     def install(self, model: nn.Module, scope) -> list:
         """Capture the context's tokens and its final hidden states; choose the ratio and compress at the end of

@@ -52,16 +52,14 @@ class CLIError(ValueError):
     """A user error: printed as ``kvpress-like: error: ...`` with exit status 2."""
 
 
-def _ratio_note(p) -> str:
-    """``ratio 0.5``; for a calibrated press the ratio it chose and why; for a decoding press the prefill ratio of its
-    scorer and the decoding budget."""
-    from .press import applied_ratio
-
-    chosen = getattr(p, "last_ratio", None)
-    if chosen is not None:
-        return (f"ratio {chosen:.3f} chosen for quality {p.quality:g}: context NLL {p.last_context_nll:.3f}, "
-                f"retention {p.last_retention:.3f}")
-    note = f"ratio {applied_ratio(p):g}"
+def _ratio_note(p, result: RunResult) -> str:
+    """``ratio 0.5``; for a calibrated press the ratio it chose and why (recorded on the cache of the run:
+    ``result.compression_info``); for a decoding press the prefill ratio of its scorer and the decoding budget."""
+    chosen = result.compression_info
+    if chosen is not None and "retention" in chosen:
+        return (f"ratio {chosen['ratio']:.3f} chosen for quality {chosen['quality']:g}: context NLL "
+                f"{chosen['context_nll']:.3f}, retention {chosen['retention']:.3f}")
+    note = f"ratio {result.ratio:g}"
     if hasattr(p, "target") and hasattr(p, "interval"):  # DecodingPress
         note += f" at prefill, then {p.target}-{p.target + p.interval - 1} entries per head while decoding"
     return note
@@ -166,6 +164,7 @@ class RunResult:
     ratio: float | None = None
     expected: str | None = None
     found: bool | None = None
+    compression_info: dict | None = None  # what the press chose for this context (kvpress_like.compression_info)
 
 
 def encode_prompt(tokenizer, context: str, question: str):
@@ -233,7 +232,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
     from .cache import CACHE_KWARG, cache_bytes, full_cache_bytes, kept_fraction, prefill
     from .chunked import chunked_prefill
     from .context import press
-    from .press import describe
+    from .press import applied_ratio, compression_info, describe
 
     context_ids, suffix_ids = encode_prompt(tokenizer, context, question)
     device = next(model.parameters()).device
@@ -275,7 +274,7 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
 
     answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
     return RunResult(
-        press=describe(p) + ("" if chunk_size is None else f", chunked prefill ({chunk_size} tokens a chunk)"),
+        press=describe(p, cache) + ("" if chunk_size is None else f", chunked prefill ({chunk_size} tokens a chunk)"),
         context_tokens=n_context,
         question_tokens=suffix_ids.shape[1],
         answer=answer,
@@ -286,6 +285,8 @@ def run_job(model, tokenizer, p, context: str, question: str, max_new_tokens: in
         compressed_layers=compressed_layers,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
+        ratio=applied_ratio(p, cache),
+        compression_info=compression_info(cache, p),
     )
 
 
@@ -417,7 +418,6 @@ def cmd_run(args) -> int:
     from .chunked import check_press
     from .decoding import DecodingPress
     from .eval import sample as eval_sample
-    from .press import applied_ratio
     from .registry import architecture_for, create_press
 
     if args.ratio == "auto":
@@ -478,7 +478,6 @@ def cmd_run(args) -> int:
                          progress=not args.no_progress, chunk_size=args.chunk_size)
     except ValueError as error:  # e.g. a press chunked prefill or calibration does not support
         raise CLIError(str(error)) from error
-    result.ratio = applied_ratio(p)
     result.load_seconds = load_seconds
     if expected is not None:
         result.expected = expected
@@ -498,7 +497,7 @@ def cmd_run(args) -> int:
     print(f"KV cache before: {_mib(result.bytes_before)}  (full cache of the context)")
     print(f"KV cache after:  {_mib(result.bytes_after)}  (compressed, kvpress_like.cache_bytes)")
     print(f"kept fraction:   {bytes_ratio:.3f} of the bytes; {result.kept_fraction:.3f} of the KV pairs in the "
-          f"{result.compressed_layers} compressed layers ({_ratio_note(p)})")
+          f"{result.compressed_layers} compressed layers ({_ratio_note(p, result)})")
     print(f"time:            load {result.load_seconds:.1f} s, prefill+compress {result.prefill_seconds:.2f} s, "
           f"decode {result.decode_seconds:.2f} s ({result.generated_tokens} tokens)")
     return 0

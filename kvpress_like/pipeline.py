@@ -153,7 +153,8 @@ class KVPressTextGenerationPipeline(Pipeline):
                 if cache is None or len(prefills) > 1:  # one prefill per distinct compressed part
                     cache = prefill(self.model, prefill_ids)
                     stats = stats or {"bytes_after": cache_bytes(cache), "kept_fraction": kept_fraction(cache),
-                                      "context_tokens": prefill_ids.shape[1], "ratio": applied_ratio(applied)}
+                                      "context_tokens": prefill_ids.shape[1],
+                                      "ratio": applied_ratio(applied, cache)}
                 answers.append(answer_on_cache(self.model, cache, prefill_ids, suffix, max_new_tokens))
         return {"answers": answers, "stats": stats}
 

@@ -327,6 +327,9 @@ class Press(metaclass=_CheckedPress):
     # True: after_forward changes the cache after forwards that are not the prefill (decoding-time compression), so
     # a cache answered on under this press cannot be cropped back. A class overriding after_forward must declare it.
     acts_while_decoding: ClassVar[bool] = False
+    # True: the press chooses the ratio per context (its own and its scorer's ratio are ignored) and records the
+    # choice on the cache it compressed (see record_compression)
+    chooses_ratio: ClassVar[bool] = False
 
     _FLOW_METHODS: ClassVar[dict[str, tuple[str, ...]]] = {
         "is_plain_scorer": ("select", "compress", "install", "after_forward"),
@@ -457,32 +460,60 @@ def store_dense(keys, values, indices, slot_valid, logical_length: int | None = 
 _BASE_FIELDS = ("ratio", "allocator", "n_sink", "window")
 
 
-def applied_ratio(p: Press | None) -> float:
-    """The ratio a prefill under ``p`` removes: a calibrated press's last choice (its scorer's ratio before any
-    prefill), a wrapper's scorer's ratio when the wrapper compresses the prefill with it (``DecodingPress``), else
-    ``p.ratio``; 0 without a press."""
+def record_compression(cache, p: Press, **facts) -> None:
+    """Record on ``cache`` what its prefill under ``p`` chose, as the public attribute ``cache.compression_info``:
+    ``{"press": p.to_dict(), **facts}`` (a calibrated press records ``ratio``, ``retention``, ``context_nll`` and
+    ``quality``). The choice is a fact about the entries the cache holds, so it lives on the cache, never on the
+    press: one press prefilling two caches gives each its own record. A later recorded prefill replaces it; copies
+    of the cache (``copy.deepcopy``) carry it.
+
+    Args:
+        cache: the cache the prefill filled (a transformers ``Cache``).
+        p: the press that compressed it.
+        facts: JSON-ready values (numbers, strings).
+    """
+    cache.compression_info = {"press": p.to_dict(), **facts}
+
+
+def compression_info(cache, p: Press | None = None) -> dict | None:
+    """A copy of what :func:`record_compression` recorded on ``cache``, or ``None`` (no record; or, with ``p``, a
+    record made by a press other than ``p``).
+
+    ``compression_info(cache)["ratio"]`` is the ratio a calibrated press chose for that cache's context.
+    """
+    info = getattr(cache, "compression_info", None)
+    if not isinstance(info, dict) or (p is not None and info.get("press") != p.to_dict()):
+        return None
+    return dict(info)
+
+
+def applied_ratio(p: Press | None, cache=None) -> float:
+    """The ratio a prefill under ``p`` removes: for a cache it compressed, the ratio recorded on the cache
+    (:func:`compression_info`: what a calibrated press chose for that context); else a wrapper's scorer's ratio when
+    the wrapper compresses the prefill with it (``DecodingPress``; a calibrated press without a cache: its scorer's
+    ratio), else ``p.ratio``; 0 without a press."""
     if p is None:
         return 0.0
-    chosen = getattr(p, "last_ratio", None)
-    if chosen is not None:
-        return chosen
+    info = compression_info(cache, p) if cache is not None else None
+    if info is not None and "ratio" in info:
+        return info["ratio"]
     inner = getattr(p, "scorer", None)
     if isinstance(inner, Press) and p.ratio == 0:
-        return applied_ratio(inner) if p.compresses_prefill() else 0.0
+        return applied_ratio(inner, cache) if p.compresses_prefill() else 0.0
     return p.ratio
 
 
-def describe(p: Press, _inner: bool = False) -> str:
+def describe(p: Press, cache=None, _inner: bool = False) -> str:
     """Short one-line description used by the CLI: the press's name, its ratio and the parameters that differ from
     its defaults, with a wrapped scorer described the same way in place of ``scorer=``.
 
     ``compactor(ratio=0.5)``, ``snapkv(ratio=0.5, window=32)``,
     ``decoding(knorm(ratio=0.5), target=512, interval=16, compress_prefill=True)``,
-    ``calibrated(compactor, quality=0.95)`` (after a prefill: ``calibrated(compactor, quality=0.95, chosen
-    ratio=0.412)``).
+    ``calibrated(compactor, quality=0.95)`` (with the ``cache`` it compressed: ``calibrated(compactor,
+    quality=0.95, chosen ratio=0.412)``, the ratio recorded on the cache, see :func:`compression_info`).
     """
     wrapper = isinstance(getattr(p, "scorer", None), Press)
-    calibrated = hasattr(p, "last_ratio")  # a calibrated press ignores its scorer's ratio
+    calibrated = p.chooses_ratio  # a calibrated press ignores its scorer's ratio
     parts = []
     for f in fields(p):
         if not f.init:
@@ -503,7 +534,8 @@ def describe(p: Press, _inner: bool = False) -> str:
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         if value != default or (calibrated and f.name == "quality"):
             parts.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
-    if calibrated and p.last_ratio is not None:
-        parts.append(f"chosen ratio={p.last_ratio:.3f}")
+    info = compression_info(cache, p) if calibrated and cache is not None else None
+    if info is not None and "ratio" in info:
+        parts.append(f"chosen ratio={info['ratio']:.3f}")
     name = p.name or type(p).__name__
     return f"{name}({', '.join(parts)})" if parts else name

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tiny_models import cached_tiny_model, full_attention_layers, prefill, random_ids, save_tiny_llama_dir
 from transformers import DynamicCache
 
-from kvpress_like import CompactorPress, KnormPress, create_press, press_from_dict
+from kvpress_like import CompactorPress, KnormPress, compression_info, create_press, press_from_dict
 from kvpress_like.allocators import keep_count
 from kvpress_like.cache import CACHE_KWARG
 from kvpress_like.calibration import (
@@ -174,16 +174,55 @@ def test_calibrated_press_chooses_the_predicted_ratio_and_compresses_like_a_fixe
     cache = prefill(model, ids, p)
 
     nll = reference_context_nll(model, ids)  # every position: nll_positions (512) exceeds the context
-    assert p.last_context_nll == pytest.approx(nll, rel=1e-4)
+    chosen = compression_info(cache)
+    assert chosen["press"] == p.to_dict() and chosen["quality"] == quality
+    assert chosen["context_nll"] == pytest.approx(nll, rel=1e-4)
     retention = QualityModel(-0.8, 1.0).retention(quality, nll)
-    assert p.last_retention == pytest.approx(retention, rel=1e-6)
-    assert p.last_ratio == pytest.approx(1 - retention, rel=1e-6)
+    assert chosen["retention"] == pytest.approx(retention, rel=1e-6)
+    assert chosen["ratio"] == pytest.approx(1 - retention, rel=1e-6)
 
-    fixed = prefill(model, ids, CompactorPress(ratio=p.last_ratio))
+    fixed = prefill(model, ids, CompactorPress(ratio=chosen["ratio"]))
     for idx in full_attention_layers(model.config):
-        assert cache.layers[idx].keys.shape[2] == keep_count(60, p.last_ratio)
+        assert cache.layers[idx].keys.shape[2] == keep_count(60, chosen["ratio"])
         assert torch.equal(cache.layers[idx].keys, fixed.layers[idx].keys)
         assert cache.layers[idx].get_seq_length() == 60
+
+
+def test_the_choice_is_recorded_on_each_cache_and_the_press_never_changes(tmp_path):
+    """One calibrated press prefills two contexts, one on each of two models, both installed at once, then a third
+    cache on the first model: each cache records the ratio chosen for its own context (the NLL computed naively
+    here), keeps what a fixed press at that ratio keeps, and the press object is the same before and after."""
+    import copy
+
+    from kvpress_like import press
+
+    models = [cached_tiny_model("llama", "sdpa"), cached_tiny_model("qwen3", "sdpa")]
+    params = write_params(tmp_path / "p.json", models[0], {"compactor": {"alpha": -3.0, "beta": 12.0}})
+    p = CompactorPress(ratio="auto", quality=0.8, params=params)
+    before, before_hash = copy.deepcopy(p), hash(p)
+    before_state, scorer_state = dict(vars(p)), dict(vars(p.scorer))
+    contexts = [random_ids(70, seed=11), random_ids(90, seed=12)[:, :40].repeat(1, 2)]
+    caches = [DynamicCache(config=m.config) for m in models]
+    with torch.no_grad(), press(models[0], p), press(models[1], p):
+        for model, ids, cache in zip(models, contexts, caches):
+            model(ids, **{CACHE_KWARG: cache})
+    third = prefill(models[0], contexts[1], p)
+
+    assert p == before and hash(p) == before_hash
+    assert vars(p) == before_state and vars(p.scorer) == scorer_state  # nothing added, nothing rebound
+    chosen = []
+    for model, ids, cache in [*zip(models, contexts, caches), (models[0], contexts[1], third)]:
+        info = compression_info(cache, p)
+        expected = QualityModel(-3.0, 12.0).retention(0.8, reference_context_nll(model, ids))
+        assert info["retention"] == pytest.approx(min(1.0, max(0.05, expected)), rel=1e-4)
+        assert info["context_nll"] == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
+        fixed = prefill(model, ids, CompactorPress(ratio=info["ratio"]))
+        for idx in full_attention_layers(model.config):
+            assert torch.equal(cache.layers[idx].keys, fixed.layers[idx].keys)
+        chosen.append(info["ratio"])
+    assert len(set(chosen)) == 3, chosen  # three contexts, three choices: none overwrote another
+    assert compression_info(caches[0], CompactorPress(ratio="auto", quality=0.9)) is None  # recorded by p, not it
+    assert compression_info(prefill(models[0], contexts[0], CompactorPress(ratio=0.5))) is None  # fixed: no record
 
 
 def test_higher_quality_keeps_more_and_decoding_continues(tmp_path):
@@ -206,8 +245,8 @@ def test_nll_estimate_on_sampled_positions_is_close(tmp_path):
     params = write_params(tmp_path / "p.json", model)
     ids = random_ids(300, seed=5)
     p = CompactorPress(ratio="auto", params=params, nll_positions=100)
-    prefill(model, ids, p)
-    assert p.last_context_nll == pytest.approx(reference_context_nll(model, ids), rel=0.05)
+    cache = prefill(model, ids, p)
+    assert compression_info(cache)["context_nll"] == pytest.approx(reference_context_nll(model, ids), rel=0.05)
 
 
 def test_decode_steps_inside_the_press_do_not_recompress(tmp_path):
@@ -298,8 +337,9 @@ def test_calibrate_command_writes_a_file_that_ratio_auto_reads(tiny_model_dir, t
     cache = prefill(model, ids, p)
     entry = data["presses"]["compactor"]
     expected = QualityModel(entry["alpha"], entry["beta"]).retention(0.8, reference_context_nll(model, ids))
-    assert p.last_retention == pytest.approx(min(1.0, max(0.05, expected)), rel=1e-4)
-    assert cache.layers[0].keys.shape[2] == max(keep_count(120, p.last_ratio), 8 + 4)  # sinks and window kept
+    chosen = compression_info(cache)
+    assert chosen["retention"] == pytest.approx(min(1.0, max(0.05, expected)), rel=1e-4)
+    assert cache.layers[0].keys.shape[2] == max(keep_count(120, chosen["ratio"]), 8 + 4)  # sinks and window kept
 
 
 def test_one_recorded_prefill_compresses_like_a_fixed_press_at_every_ratio():

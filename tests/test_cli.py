@@ -185,7 +185,7 @@ def test_run_builtin_sample(model_dir, capsys):
 
 def test_describe_is_short_and_names_the_scorer_and_applied_ratio():
     from kvpress_like.decoding import DecodingPress
-    from kvpress_like.press import applied_ratio, describe
+    from kvpress_like.press import applied_ratio, describe, record_compression
 
     assert describe(kvpress_like.CompactorPress(ratio=0.5)) == "compactor(ratio=0.5)"
     assert describe(kvpress_like.SnapKVPress(ratio=0.5, window=32)) == "snapkv(ratio=0.5, window=32)"
@@ -196,9 +196,13 @@ def test_describe_is_short_and_names_the_scorer_and_applied_ratio():
     assert applied_ratio(DecodingPress(scorer=kvpress_like.KnormPress(ratio=0.5))) == 0.0  # prefill not compressed
     calibrated = kvpress_like.CompactorPress(ratio="auto", quality=0.9)
     assert describe(calibrated) == "calibrated(compactor, quality=0.9)"
-    calibrated.last_ratio = 0.25
-    assert describe(calibrated) == "calibrated(compactor, quality=0.9, chosen ratio=0.250)"
-    assert applied_ratio(calibrated) == 0.25
+    cache = DynamicCache()
+    record_compression(cache, calibrated, ratio=0.25)  # what a calibrated prefill records on its cache
+    assert describe(calibrated, cache) == "calibrated(compactor, quality=0.9, chosen ratio=0.250)"
+    assert applied_ratio(calibrated, cache) == 0.25
+    assert describe(calibrated) == "calibrated(compactor, quality=0.9)"  # the press itself holds no choice
+    other = kvpress_like.CompactorPress(ratio="auto", quality=0.8)
+    assert applied_ratio(other, cache) == 0.0 and describe(other, cache) == "calibrated(compactor, quality=0.8)"
 
 
 def test_run_reports_a_decoding_press_briefly_with_its_prefill_ratio(model_dir, context_file, capsys):
@@ -395,8 +399,13 @@ def test_run_ratio_auto_reports_the_chosen_ratio(model_dir, context_file, tmp_pa
     assert 0 < result["ratio"] < 1
     n = result["context_tokens"]
     assert result["kept_fraction"] == pytest.approx(keep_count(n, result["ratio"]) / n)
+    chosen = result["compression_info"]  # recorded on the run's cache, not on the press
+    assert chosen["ratio"] == result["ratio"] and chosen["quality"] == 0.7 and chosen["context_nll"] > 0
+    assert result["press"] == (f"calibrated(compactor, quality=0.7, params={str(params)!r}, "
+                               f"chosen ratio={result['ratio']:.3f})")
     assert cli.main(base) == 0
-    assert "chosen for quality 0.7" in capsys.readouterr().out
+    assert (f"ratio {result['ratio']:.3f} chosen for quality 0.7: context NLL {chosen['context_nll']:.3f}, "
+            f"retention {chosen['retention']:.3f}") in capsys.readouterr().out
 
 
 def test_run_ratio_must_be_a_number_or_auto(model_dir, context_file, capsys):

@@ -388,8 +388,10 @@ def test_calibrated_press_in_the_pipeline_reports_its_chosen_ratio(tmp_path):
     p = CompactorPress(ratio="auto", quality=0.8, params=str(params))
     out = pipe(CONTEXT, question=QUESTIONS[0], press=p, max_new_tokens=2, return_cache_stats=True)
     stats = out["cache_stats"]
-    assert 0 < stats["ratio"] == p.last_ratio < 1
-    fixed = prefill(model, CompactorPress(ratio=p.last_ratio), encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
+    context_ids = encode_prompt(tok, CONTEXT, QUESTIONS[0])[0]
+    chosen = kvpress_like.compression_info(prefill(model, p, context_ids))  # the same context prefilled directly
+    assert 0 < stats["ratio"] == chosen["ratio"] < 1
+    fixed = prefill(model, CompactorPress(ratio=chosen["ratio"]), context_ids)
     assert stats["kept_fraction"] == pytest.approx(kept_fraction(fixed))
     assert pipe(CONTEXT, question=QUESTIONS[0], press=KnormPress(ratio=0.25), max_new_tokens=1,
                 return_cache_stats=True)["cache_stats"]["ratio"] == 0.25
