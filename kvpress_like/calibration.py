@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .press import Press, record_compression
+from .press import Press, as_press, record_compression
 
 FORMAT = "kvpress-like-calibration/1"
 _QUALITY_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(params, press): QualityModel}
@@ -230,7 +230,9 @@ class CalibratedPress(Press):
     """Wrap a press so that each context gets the largest compression predicted to keep ``quality``.
 
     Args:
-        scorer: the press (or registry name) whose scores choose the entries; its own ratio is ignored.
+        scorer: the press, registry name or :class:`~kvpress_like.scorer.Scorer` (wrapped in a
+            :class:`~kvpress_like.press.ScorerPress`, whose calibration parameters are looked up under the name
+            ``"scorer"``) whose scores choose the entries; its own ratio is ignored.
         quality: fraction of full-cache quality to keep, in (0, 1].
         params: a calibration file path, or ``None`` for the parameters shipped for this model (an error if there
             are none).
@@ -251,17 +253,15 @@ class CalibratedPress(Press):
     params: str | None = None
     nll_positions: int = 512
     min_retention: float = 0.05
+    needs = property(lambda self: self.scorer.needs)  # what its scorer reads
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
         if self.ratio != 0:
             raise ValueError("CalibratedPress chooses the ratio per context: do not pass ratio")
-        if isinstance(self.scorer, str):
-            from .registry import create_press
-
-            self.scorer = create_press(self.scorer)
-        if not isinstance(self.scorer, Press) or isinstance(self.scorer, CalibratedPress):
-            raise TypeError(f"scorer must be a (non-calibrated) Press or a press name; got {self.scorer!r}")
+        self.scorer = as_press(self.scorer)
+        if isinstance(self.scorer, CalibratedPress):
+            raise TypeError(f"scorer must be a press that is not itself calibrated; got {self.scorer!r}")
         if not self.scorer.is_plain_scorer:
             raise ValueError(f"{type(self.scorer).__name__} is not a plain scorer (it selects, installs hooks or acts "
                              "while decoding by itself); calibrated compression needs a press that scores tokens "

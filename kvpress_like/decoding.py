@@ -22,8 +22,7 @@ from transformers.cache_utils import BaseQuantizedLayer
 
 from .cache import like_source, valid_tokens
 from .checks import check_int
-from .press import Press, select_top, store_dense
-from .registry import create_press
+from .press import Press, as_press, select_top, store_dense
 
 
 def recent_tokens(cache) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -44,7 +43,8 @@ class DecodingPress(Press):
     """Compress the cache back to ``target`` entries per head every time it reaches ``target + interval``.
 
     Args:
-        scorer: the press (or registry name) whose scores choose the entries; it must support decoding.
+        scorer: the press, registry name or :class:`~kvpress_like.scorer.Scorer` (wrapped in a
+            :class:`~kvpress_like.press.ScorerPress`) whose scores choose the entries; it must support decoding.
         target: entries per KV head kept after each compression (>= 1).
         interval: growth allowed between compressions (>= 1).
         compress_prefill: also compress each context's prefill with ``scorer`` (at the scorer's own ratio).
@@ -57,15 +57,13 @@ class DecodingPress(Press):
     target: int = 1024
     interval: int = 64
     compress_prefill: bool = False
+    needs = property(lambda self: self.scorer.needs)  # what its scorer reads
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
         if self.ratio != 0:
             raise ValueError("DecodingPress has no ratio of its own: set the prefill ratio on its scorer")
-        if isinstance(self.scorer, str):
-            self.scorer = create_press(self.scorer)
-        if not isinstance(self.scorer, Press):
-            raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
+        self.scorer = as_press(self.scorer)
         if not self.scorer.supports_decoding:
             raise ValueError(
                 f"{type(self.scorer).__name__} cannot score while decoding (it needs every token's hidden state); "

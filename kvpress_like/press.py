@@ -28,6 +28,7 @@ from .allocators.base import Allocator
 from .cache import CompressedLayer, RaggedLayer
 from .checks import check_int, check_ratio
 from .patches.base import Architecture
+from .scorer import check_scorer
 
 
 @dataclass
@@ -127,17 +128,47 @@ def _check_type(name: str, annotation, value) -> None:
 _CALIBRATION_ARGS = ("quality", "params", "nll_positions", "min_retention")
 
 
+def _description(p) -> dict | None:
+    """``p.to_dict()``, or ``None`` when a part of ``p`` has no dict form (a :class:`ScorerPress` around a scorer
+    written as a plain class)."""
+    try:
+        return p.to_dict()
+    except TypeError:
+        return None
+
+
+def _parts(p) -> list:
+    """``p``'s parameters as compared when it has no dict form (the allocator by its description)."""
+    return [p.allocator_instance.to_dict() if f.name == "allocator" else getattr(p, f.name)
+            for f in fields(p) if f.init]
+
+
+def _hash_or_type(value) -> int:
+    try:
+        return hash(value)
+    except TypeError:  # unhashable (a dict, a plain dataclass): equal values still share their type
+        return hash(type(value))
+
+
 def _hash_by_parameters(p) -> int:
-    """Presses are configuration: presses with the same description (:meth:`Press.to_dict`) hash alike."""
-    return hash(json.dumps(p.to_dict(), sort_keys=True, default=repr))
+    """Presses are configuration: presses with the same description (:meth:`Press.to_dict`) hash alike (without
+    one, presses with equal parameters do)."""
+    description = _description(p)
+    if description is None:
+        return hash((type(p), *(_hash_or_type(v) for v in _parts(p) if not isinstance(v, dict))))
+    return hash(json.dumps(description, sort_keys=True, default=repr))
 
 
 def _equal_parameters(p, other) -> bool:
     """Two presses are equal when they are of the same class with the same description (an allocator given by name
-    equals the same allocator given as an instance with its default parameters)."""
+    equals the same allocator given as an instance with its default parameters); without a description, when their
+    parameters are equal (a plain scorer compares as its class defines)."""
     if type(other) is not type(p):
         return NotImplemented
-    return p.to_dict() == other.to_dict()
+    mine, theirs = _description(p), _description(other)
+    if mine is None or theirs is None:
+        return _parts(p) == _parts(other)
+    return mine == theirs
 
 
 class _CheckedPress(type):
@@ -327,6 +358,8 @@ class Press(metaclass=_CheckedPress):
     # True: after_forward changes the cache after forwards that are not the prefill (decoding-time compression), so
     # a cache answered on under this press cannot be cropped back. A class overriding after_forward must declare it.
     acts_while_decoding: ClassVar[bool] = False
+    # what score() reads from the layer context beyond keys, values and valid (names of kvpress_like.scorer.NEEDS)
+    needs: ClassVar[frozenset[str]] = frozenset()
     # True: the press chooses the ratio per context (its own and its scorer's ratio are ignored) and records the
     # choice on the cache it compressed (see record_compression)
     chooses_ratio: ClassVar[bool] = False
@@ -397,6 +430,88 @@ def declare_installer(installer: Callable) -> None:
 registry.declare_press_class(Press)
 
 
+@dataclass
+class ScorerPress(Press):
+    """A press made of any scorer (:class:`~kvpress_like.scorer.Scorer`: a plain class with ``score(ctx)`` and its
+    declarations, or a press used for its scores) plus a selection policy::
+
+        ScorerPress(scorer=MyScorer(), ratio=0.5, allocator="head_adaptive", n_sink=4, window=8)
+
+    Args:
+        scorer: the scorer; its ``score(ctx)`` gives ``[B, H_kv, S]`` and the allocator selects from it.
+        ratio, allocator, n_sink, window: as for every :class:`Press`.
+
+    It compares by its parameters (the scorer as its class defines ``==``) and hashes alike; it has no dict form
+    (:meth:`to_dict` raises a ``TypeError``): ``press_from_dict`` rebuilds registered presses only.
+
+    Raises:
+        TypeError: ``scorer`` is not a scorer (the missing members are named).
+        ValueError: the scorer selects, installs hooks or acts while decoding by itself (``is_plain_scorer`` false
+            or ``acts_while_decoding`` true), needs a second forward, or is a press whose scores depend on its own
+            ratio, which differs from ``ratio``.
+    """
+
+    name: ClassVar[str] = "scorer"
+    scorer: object = None
+
+    def __post_init__(self, compression_ratio: float | None = None):
+        super().__post_init__(compression_ratio)
+        check_scorer(self.scorer, "ScorerPress(scorer=...)")
+        kind = type(self.scorer).__name__
+        if not self.scorer.is_plain_scorer or self.scorer.acts_while_decoding:
+            raise ValueError(f"{kind} selects, installs hooks or acts while decoding by itself (is_plain_scorer="
+                             f"{self.scorer.is_plain_scorer}, acts_while_decoding={self.scorer.acts_while_decoding});"
+                             " ScorerPress hosts scorers whose tokens its allocator selects")
+        if "second_forward" in self.scorer.needs:
+            raise ValueError(f"{kind} needs a second forward, which ScorerPress's layer-by-layer flow does not run")
+        if isinstance(self.scorer, Press) and self.scorer.score_depends_on_ratio and self.scorer.ratio != self.ratio:
+            raise ValueError(f"{kind}'s scores depend on its ratio ({self.scorer.ratio:g}), which differs from "
+                             f"ratio={self.ratio:g}: give both the same ratio")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The scorer's needs."""
+        return frozenset(self.scorer.needs)
+
+    @property
+    def supports_decoding(self) -> bool:
+        """Whether the scorer works from keys, values and the latest queries alone."""
+        return self.scorer.supports_decoding
+
+    @property
+    def score_depends_on_ratio(self) -> bool:
+        return self.scorer.score_depends_on_ratio
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """The scorer's scores ``[B, H_kv, S]``."""
+        return self.scorer.score(ctx)
+
+    def to_dict(self) -> dict:
+        """Raises ``TypeError``: a scorer given as an object has no dict form that ``press_from_dict`` could rebuild
+        (it rebuilds registered presses by name)."""
+        raise TypeError(
+            f"ScorerPress(scorer={type(self.scorer).__name__}(...)) cannot be written as a dict: press_from_dict "
+            "rebuilds registered presses only. Register the scorer as a press (a Press subclass with a name, from a "
+            "plugin's register_presses) to save or reload it by description, or rebuild it in code with "
+            "ScorerPress(scorer=..., ...)")
+
+
+def as_press(value, role: str = "scorer") -> Press:
+    """What a wrapper's ``scorer=`` argument becomes: a press as it is, a registry name created with its defaults,
+    any other :class:`~kvpress_like.scorer.Scorer` wrapped in a :class:`ScorerPress` with the default policy (ratio
+    0, uniform allocator, no protected tokens; pass ``ScorerPress(scorer=..., window=...)`` for another).
+
+    Raises:
+        TypeError: ``value`` is neither (the members of ``Scorer`` it lacks are named).
+    """
+    if isinstance(value, Press):
+        return value
+    if isinstance(value, str):
+        return registry.create_press(value)
+    check_scorer(value, role)
+    return ScorerPress(scorer=value)
+
+
 def select_top(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``counts[b, h]`` tokens of every head, in ascending token order.
 
@@ -462,17 +577,18 @@ _BASE_FIELDS = ("ratio", "allocator", "n_sink", "window")
 
 def record_compression(cache, p: Press, **facts) -> None:
     """Record on ``cache`` what its prefill under ``p`` chose, as the public attribute ``cache.compression_info``:
-    ``{"press": p.to_dict(), **facts}`` (a calibrated press records ``ratio``, ``retention``, ``context_nll`` and
-    ``quality``). The choice is a fact about the entries the cache holds, so it lives on the cache, never on the
-    press: one press prefilling two caches gives each its own record. A later recorded prefill replaces it; copies
-    of the cache (``copy.deepcopy``) carry it.
+    ``{"press": describe(p), **facts}`` (a calibrated press records ``ratio``, ``retention``, ``context_nll`` and
+    ``quality``), and ``p`` itself (immutable configuration) as ``cache.compressed_by``. The choice is a fact about
+    the entries the cache holds, so it lives on the cache, never on the press: one press prefilling two caches gives
+    each its own record. A later recorded prefill replaces it; copies of the cache (``copy.deepcopy``) carry it.
 
     Args:
         cache: the cache the prefill filled (a transformers ``Cache``).
         p: the press that compressed it.
         facts: JSON-ready values (numbers, strings).
     """
-    cache.compression_info = {"press": p.to_dict(), **facts}
+    cache.compression_info = {"press": describe(p), **facts}
+    cache.compressed_by = p
 
 
 def compression_info(cache, p: Press | None = None) -> dict | None:
@@ -482,7 +598,7 @@ def compression_info(cache, p: Press | None = None) -> dict | None:
     ``compression_info(cache)["ratio"]`` is the ratio a calibrated press chose for that cache's context.
     """
     info = getattr(cache, "compression_info", None)
-    if not isinstance(info, dict) or (p is not None and info.get("press") != p.to_dict()):
+    if not isinstance(info, dict) or (p is not None and getattr(cache, "compressed_by", None) != p):
         return None
     return dict(info)
 
@@ -512,7 +628,8 @@ def describe(p: Press, cache=None, _inner: bool = False) -> str:
     ``calibrated(compactor, quality=0.95)`` (with the ``cache`` it compressed: ``calibrated(compactor,
     quality=0.95, chosen ratio=0.412)``, the ratio recorded on the cache, see :func:`compression_info`).
     """
-    wrapper = isinstance(getattr(p, "scorer", None), Press)
+    # a wrapper's own ratio, allocator and protected tokens are its scorer's (a ScorerPress's are its own)
+    wrapper = isinstance(getattr(p, "scorer", None), Press) and not isinstance(p, ScorerPress)
     calibrated = p.chooses_ratio  # a calibrated press ignores its scorer's ratio
     parts = []
     for f in fields(p):
@@ -521,6 +638,9 @@ def describe(p: Press, cache=None, _inner: bool = False) -> str:
         value = getattr(p, f.name)
         if isinstance(value, Press):
             parts.append(describe(value, _inner=calibrated))
+            continue
+        if f.name == "scorer" and isinstance(p, ScorerPress):
+            parts.append(type(value).__name__)  # a scorer written as a plain class: its class names it
             continue
         if wrapper and f.name in _BASE_FIELDS:
             continue  # a wrapper's own ratio (0), allocator and protected tokens are its scorer's, described there

@@ -175,7 +175,8 @@ def test_calibrated_press_chooses_the_predicted_ratio_and_compresses_like_a_fixe
 
     nll = reference_context_nll(model, ids)  # every position: nll_positions (512) exceeds the context
     chosen = compression_info(cache)
-    assert chosen["press"] == p.to_dict() and chosen["quality"] == quality
+    assert chosen["press"] == f"calibrated(compactor, quality={quality:g}, params={params!r})"
+    assert chosen["quality"] == quality and compression_info(cache, p) == chosen
     assert chosen["context_nll"] == pytest.approx(nll, rel=1e-4)
     retention = QualityModel(-0.8, 1.0).retention(quality, nll)
     assert chosen["retention"] == pytest.approx(retention, rel=1e-6)

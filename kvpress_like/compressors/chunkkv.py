@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checks import check_int
-from ..press import LayerContext, Press, store
-from ..registry import create_press
+from ..press import LayerContext, Press, as_press, store
 from .non_causal_attention import roll_rows
 from .snapkv import SnapKVPress
 
@@ -36,7 +35,8 @@ class ChunkKVPress(Press):
     """Keeps the highest-scoring chunks of ``chunk_size`` tokens.
 
     Args:
-        scorer: the press whose scores are aggregated per chunk (or its registry name).
+        scorer: the press, registry name or :class:`~kvpress_like.scorer.Scorer` whose scores are aggregated per
+            chunk.
         chunk_size: tokens per chunk.
         reuse_group: consecutive layers sharing one selection (1 = no reuse).
         window: last tokens always kept (defaults to SnapKV's observation window).
@@ -48,13 +48,11 @@ class ChunkKVPress(Press):
     scorer: Press | str = field(default_factory=SnapKVPress)
     chunk_size: int = 10
     reuse_group: int = 1
+    needs = property(lambda self: self.scorer.needs)  # what its scorer reads
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
-        if isinstance(self.scorer, str):
-            self.scorer = create_press(self.scorer)
-        if not isinstance(self.scorer, Press):
-            raise TypeError(f"scorer must be a Press or a press name; got {self.scorer!r}")
+        self.scorer = as_press(self.scorer)
         for name in ("chunk_size", "reuse_group"):
             check_int(name, getattr(self, name), minimum=1)
 

@@ -62,6 +62,7 @@ class CompactorPress(NonCausalAttentionPress):
     """
 
     name = "compactor"
+    needs = frozenset({"queries", "pre_rope"})  # what score() reads (kvpress_like.scorer.NEEDS)
     n_sink: int = 8
     window: int = 4
     blending: float | None = 2.0

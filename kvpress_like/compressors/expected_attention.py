@@ -72,6 +72,7 @@ class ExpectedAttentionPress(Press):
     """
 
     name = "expected_attention"
+    needs = frozenset({"pre_rope", "rope_tables"})  # what score() reads (kvpress_like.scorer.NEEDS)
     n_sink: int = 4
     n_future: int = 512
 

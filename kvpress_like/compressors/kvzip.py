@@ -205,6 +205,7 @@ class KVzipPress(Press):
     """
 
     name: ClassVar[str] = "kvzip"
+    needs: ClassVar[frozenset[str]] = frozenset({"second_forward"})  # scores from a second forward (scorer.NEEDS)
     defers_selection: ClassVar[bool] = True
     is_plain_scorer: ClassVar[bool] = False  # scores come from a second forward (install, select)
     n_sink: int = 4

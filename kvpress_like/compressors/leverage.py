@@ -81,6 +81,7 @@ class LeverageScorePress(Press):
     """
 
     name = "leverage"
+    needs = frozenset({"pre_rope"})  # what score() reads (kvpress_like.scorer.NEEDS)
     sketch_size: int = 48
     seed: int = 0
     leverage_kernel_size: int = 1

@@ -125,6 +125,7 @@ class NonCausalAttentionPress(Press):
     """
 
     name = "non_causal_attention"
+    needs = frozenset({"queries"})  # what score() reads (kvpress_like.scorer.NEEDS)
     chunk_size: int = 256
     kernel_size: int = 5
     value_norm: bool = False

@@ -56,6 +56,7 @@ class ObservedAttentionPress(Press):
     """
 
     name = "observed_attention"
+    needs = frozenset({"queries"})  # what score() reads (kvpress_like.scorer.NEEDS)
     block_size: int = 256
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

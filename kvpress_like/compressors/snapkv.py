@@ -73,6 +73,7 @@ class SnapKVPress(Press):
     """
 
     name = "snapkv"
+    needs = frozenset({"queries"})  # what score() reads (kvpress_like.scorer.NEEDS)
     supports_decoding = True
     window: int = 64
     kernel_size: int = 5

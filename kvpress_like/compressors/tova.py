@@ -22,6 +22,7 @@ class TOVAPress(Press):
     """Keeps the tokens the last query attends to most (averaged over every head of the layer)."""
 
     name = "tova"
+    needs = frozenset({"queries"})  # what score() reads (kvpress_like.scorer.NEEDS)
     supports_decoding = True
     window: int = 1
 
