@@ -37,3 +37,14 @@ def check_int(name: str, value, minimum: int = 0) -> int:
         allowed = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     return value
+
+
+def check_odd_kernel(name: str, value) -> int:
+    """A pooling width: a positive odd ``int`` (not ``bool``), so the window is centred on each token.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd int; got {value!r}")
+    return value

@@ -122,6 +122,16 @@ def test_snapkv_parameters():
         SnapKVPress(ratio=0.5, window=0)
 
 
+@pytest.mark.parametrize("name, field", [("snapkv", "kernel_size"), ("non_causal_attention", "kernel_size"),
+                                         ("compactor", "kernel_size"), ("compactor", "leverage_kernel_size"),
+                                         ("leverage", "leverage_kernel_size"), ("fastkv", "kernel_size")])
+@pytest.mark.parametrize("bad", [0, 4, -3, 2.0, True, "3"])
+def test_pooling_widths_must_be_positive_odd_ints(name, field, bad):
+    with pytest.raises(ValueError, match=f"{field} must be a positive odd int; got {bad!r}"):
+        create_press(name, ratio=0.5, **{field: bad})
+    assert getattr(create_press(name, ratio=0.5, **{field: 3}), field) == 3
+
+
 def test_unknown_press_name_lists_known_ones():
     with pytest.raises(ValueError) as info:
         create_press("does_not_exist", ratio=0.5)

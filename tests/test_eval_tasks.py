@@ -98,7 +98,7 @@ def test_length_too_small_unknown_task_and_bad_n_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"unknown task 'niah'.*niah_single_1, .*qa_2"):
         generate_samples("niah", tokenizer, 500, 1)
     for n in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n must be an int >= 1"):
+        with pytest.raises(ValueError, match="n must be a positive int"):
             generate_samples("vt", tokenizer, 500, n)
     with pytest.raises(ValueError, match="length must be a positive int"):
         generate_samples("vt", tokenizer, 0, 1)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..allocators.uniform import UniformAllocator
+from ..checks import check_int, check_odd_kernel
 from ..patches.base import layer_types
 from ..press import LayerContext, Press, select_top, store_dense
 from .snapkv import window_attention
@@ -207,13 +208,11 @@ class FastKVPress(Press):
                              f"supported; got {self._allocator.name!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 for FastKV (the observation window); got {self.window!r}")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+        check_odd_kernel("kernel_size", self.kernel_size)
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max'; got {self.pooling!r}")
-        if self.tsp_layer is not None and (isinstance(self.tsp_layer, bool) or not isinstance(self.tsp_layer, int)
-                                           or self.tsp_layer < 0):
-            raise ValueError(f"tsp_layer must be None or a non-negative int; got {self.tsp_layer!r}")
+        if self.tsp_layer is not None:
+            check_int("tsp_layer", self.tsp_layer)
         if self.tsp_rate is not None:
             if isinstance(self.tsp_rate, bool) or not isinstance(self.tsp_rate, (int, float)) or not (
                     0 < self.tsp_rate <= 1):

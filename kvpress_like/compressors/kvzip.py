@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ..cache import CACHE_KWARG, cache_in, full_keys_values
+from ..checks import check_int
 from ..press import LayerContext, Press
 
 _SCORE_ELEMENTS = 1 << 22  # fp32 attention weights held at once while scoring one layer (16 MB)
@@ -217,11 +218,8 @@ class KVzipPress(Press):
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int (context tokens per reconstruction forward); "
-                             f"got {self.chunk_size!r}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ValueError(f"overlap must be a non-negative int; got {self.overlap!r}")
+        check_int("chunk_size", self.chunk_size, minimum=1)  # context tokens per reconstruction forward
+        check_int("overlap", self.overlap)
         for field_name in ("instruction", "continuation"):
             if not isinstance(getattr(self, field_name), str):
                 raise TypeError(f"{field_name} must be a string; got {getattr(self, field_name)!r}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, check_odd_kernel
 from ..kernels import leverage_scores as fused_leverage_scores
 from ..kernels.linalg import gaussian_sketch, inverse_cholesky
 from ..press import LayerContext, Press
@@ -97,9 +97,7 @@ class LeverageScorePress(Press):
 def check_leverage_args(p) -> None:
     """Validate ``sketch_size`` and ``leverage_kernel_size`` of a press with leverage scores."""
     check_int("sketch_size", p.sketch_size, minimum=1)
-    k = p.leverage_kernel_size
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-        raise ValueError(f"leverage_kernel_size must be a positive odd int; got {k!r}")
+    check_odd_kernel("leverage_kernel_size", p.leverage_kernel_size)
 
 
 def pooled_leverage(p, ctx: LayerContext) -> torch.Tensor:

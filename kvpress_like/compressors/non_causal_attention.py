@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, check_odd_kernel
 from ..kernels import non_causal_attention_scores as fused_column_sums
 from ..press import LayerContext, Press
 from .snapkv import pool
@@ -134,8 +134,7 @@ class NonCausalAttentionPress(Press):
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
         check_int("chunk_size", self.chunk_size, minimum=1)
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+        check_odd_kernel("kernel_size", self.kernel_size)
         if not isinstance(self.value_norm, bool):
             raise TypeError(f"value_norm must be True or False; got {self.value_norm!r}")
         if self.attention_scale is not None and (

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..allocators.base import keep_count
 from ..cache import RaggedLayer
+from ..checks import check_int
 from ..press import LayerContext, Press
 
 QUERY_CHUNK = 128
@@ -299,9 +300,7 @@ class RazorAttentionPress(Press):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
         for name, least in (("profile_period", 2), ("profile_repeats", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
+            check_int(name, getattr(self, name), minimum=least)
 
     def install(self, model: nn.Module, scope) -> list:
         """Profile ``model``'s heads (once per model and settings) and note which layer each attention module is; no

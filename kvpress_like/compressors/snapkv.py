@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_odd_kernel
 from ..press import LayerContext, Press
 
 
@@ -80,8 +81,7 @@ class SnapKVPress(Press):
 
     def __post_init__(self, compression_ratio=None):
         super().__post_init__(compression_ratio)
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int; got {self.kernel_size!r}")
+        check_odd_kernel("kernel_size", self.kernel_size)
         if self.window < 1:
             raise ValueError(f"window must be >= 1 for SnapKV (the observation window); got {self.window!r}")
 

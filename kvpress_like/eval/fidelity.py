@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..cache import CACHE_KWARG
+from ..checks import check_int
 from ..context import press as press_context
 from ..pipeline import kept_fraction
 from ..press import Press
@@ -118,8 +119,7 @@ def copy_sample(tokenizer, length: int, depth: float = 0.5, span_tokens: int = 3
     """
     if not 0.0 <= depth < 1.0:
         raise ValueError(f"depth must be in [0, 1) (0 = start of the context); got {depth!r}")
-    if isinstance(span_tokens, bool) or not isinstance(span_tokens, int) or span_tokens < 1:
-        raise ValueError(f"span_tokens must be an int >= 1; got {span_tokens!r}")
+    check_int("span_tokens", span_tokens, minimum=1)
     minimum = 4 * (span_tokens + LEAD_TOKENS)
     if isinstance(length, bool) or not isinstance(length, int) or length < minimum:
         raise ValueError(f"length must be at least {minimum} tokens for a {span_tokens}-token passage; got {length!r}")

@@ -74,6 +74,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..checks import check_int
 from .sample import DataNotAvailableError, data_dir, haystack_text
 
 TASKS: tuple[str, ...] = (
@@ -732,10 +733,8 @@ def generate_samples(task: str, tokenizer, length: int, n: int, seed: int = 0) -
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1 (number of samples); got {n!r}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive int (tokens of the prompt); got {length!r}")
+    check_int("n", n, minimum=1)  # number of samples
+    check_int("length", length, minimum=1)  # tokens of the prompt
     attempts = 20 if task in QA_DATASETS else 1
     samples = []
     for index in range(n):
