@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .press import Press, as_press, record_compression
+from .registry import architecture_for
 
 FORMAT = "kvpress-like-calibration/1"
 _QUALITY_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(params, press): QualityModel}
@@ -322,10 +323,10 @@ class CalibratedPress(Press):
         if model.get_output_embeddings() is None:
             raise ValueError("calibrated compression needs a causal LM with an output embedding (lm_head)")
         self.quality_model(model)  # fail on install, not in the middle of a forward
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model
-        norm = getattr(base, "norm", None)
+        norm = architecture_for(model.config).final_norm(model)  # a plugin's Architecture may say where it is
         if norm is None:
-            raise ValueError(f"{type(model).__name__} has no final `norm` module; calibrated compression needs it")
+            raise ValueError(f"{type(model).__name__} has no final norm module (Architecture.final_norm found none); "
+                             "calibrated compression reads the context's final hidden states from it")
         seen = {}
 
         def keep_ids(module, args, kwargs):

@@ -226,6 +226,42 @@ def test_the_choice_is_recorded_on_each_cache_and_the_press_never_changes(tmp_pa
     assert compression_info(prefill(models[0], contexts[0], CompactorPress(ratio=0.5))) is None  # fixed: no record
 
 
+def test_the_final_norm_comes_from_the_architecture_so_gpt_neox_calibrates(tmp_path):
+    """GPT-NeoX's final norm is ``final_layer_norm`` (no ``norm``): its plugin Architecture says so, and a calibrated
+    press then measures the context's NLL on it (the NLL computed naively) and compresses like a fixed press."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import kvpress_like
+    from kvpress_like.plugins import gpt_neox
+    from kvpress_like.registry import architecture_for
+
+    registered = "gpt_neox" in kvpress_like.list_architectures()
+    if not registered:  # not installed through its entry point: the same hook at run time
+        kvpress_like.register_plugin(gpt_neox, name="test_calibration_gpt_neox")
+    try:
+        torch.manual_seed(0)
+        config = GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=512,
+                               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        model = GPTNeoXForCausalLM(config).eval()
+        assert architecture_for(model.config).final_norm(model) is model.gpt_neox.final_layer_norm
+        assert architecture_for(cached_tiny_model("llama").config).final_norm(cached_tiny_model("llama")) is \
+            cached_tiny_model("llama").model.norm
+        params = write_params(tmp_path / "p.json", model, {"compactor": {"alpha": -0.8, "beta": 1.0}})
+        ids = random_ids(50, seed=8)
+        p = CompactorPress(ratio="auto", quality=0.8, params=params)
+        cache = prefill(model, ids, p)
+        chosen = compression_info(cache, p)
+        assert chosen["context_nll"] == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
+        fixed = prefill(model, ids, CompactorPress(ratio=chosen["ratio"]))
+        for idx in range(2):
+            assert cache.layers[idx].keys.shape[2] == keep_count(50, chosen["ratio"]) < 50
+            assert torch.equal(cache.layers[idx].keys, fixed.layers[idx].keys)
+    finally:
+        if not registered:
+            kvpress_like.unregister_plugin(gpt_neox)
+
+
 def test_higher_quality_keeps_more_and_decoding_continues(tmp_path):
     model = cached_tiny_model("llama", "sdpa")
     params = write_params(tmp_path / "p.json", model, {"compactor": {"alpha": -0.8, "beta": 1.0}})

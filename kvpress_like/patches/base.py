@@ -67,6 +67,13 @@ class Architecture:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model
         return getattr(base, "rotary_emb", None)
 
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm applied to the last decoder layer's output before the LM head (``norm`` of the base model), or
+        ``None`` when there is none. Calibrated compression reads the context's final hidden states ``[B, S, hidden]``
+        from its output."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        return getattr(base, "norm", None)
+
     def rope_tables(self, rotary: nn.Module, attn: nn.Module, like: torch.Tensor,
                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of attention module ``attn``'s RoPE at ``positions`` ``[n]``, each ``[1, n, rotary_dim]``,

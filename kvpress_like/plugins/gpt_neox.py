@@ -35,6 +35,11 @@ class GPTNeoXArchitecture(Architecture):
     def attention(self, decoder_layer: nn.Module) -> nn.Module:
         return decoder_layer.attention
 
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """``final_layer_norm`` of the base model (``gpt_neox``)."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        return getattr(base, "final_layer_norm", None)
+
     def attention_inputs(self, args: tuple, kwargs: dict) -> dict:
         """The decoder layer passes the hidden states positionally and the cache as ``layer_past``: renamed
         ``cache``."""
