@@ -2,7 +2,8 @@
 
 The file (``torch.save`` format, loaded with ``weights_only=True``: no code runs on load) holds every cache layer
 (dense compressed, sliding-window compressed, ragged per-head, plain and sliding-window layers), the context's
-token ids, the press that produced it and the identity of the model. Loading refuses a file made for another model,
+token ids, the press that produced it, what the prefill chose (:func:`~kvpress_like.press.compression_info`: the
+ratio a calibrated press chose for this context) and the identity of the model. Loading refuses a file made for another model,
 and a corrupt or truncated file is rejected before anything is returned (a SHA-256 over the payload is checked), and
 so is a file whose tensors do not have the dtypes and shapes its metadata records, or that do not fit the model and
 the context.
@@ -24,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .cache import RECORD_CLASSES
-from .press import Press
+from .press import Press, compression_info
 
 FORMAT = "kvpress-like-cache/1"
 _IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
@@ -108,20 +109,46 @@ def save_cache(path: str | Path, cache, model, input_ids: torch.Tensor, press: P
         model: the model that produced it (its identity is recorded).
         input_ids: ``[B, S]`` the context's token ids (positions and generation need them).
         press: the press used, recorded with :meth:`Press.to_dict`.
+
+    What :func:`~kvpress_like.press.compression_info` gives for ``cache`` (a dict of JSON values, or ``None``) is saved
+    in the metadata and restored on the loaded cache; the press object recorded with it (``cache.compressed_by``) is
+    not (the file holds the press's description, ``meta["press"]``, when ``press`` is given).
+
+    Raises:
+        ValueError: ``input_ids`` does not have the length the cache has seen.
+        TypeError: the cache's compression record is not JSON-ready (string keys; strings, numbers, booleans,
+            ``None``, lists and dicts only).
     """
     if input_ids.shape[-1] != cache.get_seq_length():
         raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens but the cache has seen {cache.get_seq_length()}")
+    info = compression_info(cache)
+    if info is not None and not _json_ready(info):
+        raise TypeError(f"cannot save the cache's compression_info {info!r}: it must hold JSON values only (string "
+                        "keys; strings, numbers, booleans, None, lists and dicts)")
     # clone: a view (e.g. a sliding-window slice of the prefill) would otherwise save its whole storage
     records = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _layer_record(layer).items()}
                for layer in cache.layers]
     meta = {"format": FORMAT, "model": model_identity(model), "press": press.to_dict() if press else None,
-            "logical_length": cache.get_seq_length(), "tensors": [_specs(record) for record in records]}
+            "compression_info": info, "logical_length": cache.get_seq_length(),
+            "tensors": [_specs(record) for record in records]}
     payload = {"meta": meta, "layers": records,
                "input_ids": input_ids.detach().cpu()}
     payload["sha256"] = _digest(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     _write_atomically(Path(path), buffer.getvalue())
+
+
+def _json_ready(value) -> bool:
+    """Whether ``value`` is made of JSON values only: ``None``, booleans, numbers, strings, and lists and dicts (string
+    keys) of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_json_ready(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_ready(v) for k, v in value.items())
+    return False
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -220,7 +247,10 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
 
     Returns:
         ``(cache, input_ids, meta)``; ``meta["press"]`` is the press description (``press_from_dict`` rebuilds it).
-        Use the cache inside ``with press(model, p)`` (any press): ragged and padded layers need its masks.
+        The loaded cache carries the compression record it had when saved: ``kvpress_like.compression_info(cache)``
+        gives the same dict (``None`` when it had none; also ``meta["compression_info"]``). The press object recorded
+        with it (``cache.compressed_by``) is not restored, so ``compression_info(cache, p)`` with a press gives
+        ``None`` for a loaded cache.
 
     Raises:
         ValueError: the file is corrupt, truncated, not a saved cache, was made for another model, or holds tensors
@@ -249,8 +279,14 @@ def load_cache(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor, dic
         _check_tensors(path, payload, model)
     except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field of the wrong type or missing
         raise ValueError(f"{path}: invalid kvpress-like cache file: malformed layer record ({error!r})") from error
+    info = payload["meta"].get("compression_info")  # absent in files written before it was saved
+    if info is not None and not (isinstance(info, dict) and _json_ready(info)):
+        raise ValueError(f"{path}: invalid kvpress-like cache file: metadata compression_info must be a JSON object "
+                         f"(a dict of JSON values) or null; got {type(info).__name__} {info!r}")
     cache = DynamicCache(config=model.config)
     device = model.get_input_embeddings().weight.device
     layers = [_restore_layer(record, device) for record in payload["layers"]]
     cache.layers[: len(layers)] = layers
+    if info is not None:
+        cache.compression_info = dict(info)  # what kvpress_like.compression_info(cache) reads
     return cache, payload["input_ids"].to(device), payload["meta"]

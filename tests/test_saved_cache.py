@@ -30,6 +30,7 @@ from kvpress_like import (
     RaggedLayer,
     SnapKVPress,
     cache_bytes,
+    compression_info,
     load_cache,
     press,
     press_from_dict,
@@ -527,3 +528,67 @@ def test_interrupted_saves_always_leave_the_previous_good_file(tmp_path):
         signal.signal(signal.SIGXFSZ, previous_handler)
     assert 0.3 * cycles < interrupted < 0.7 * cycles
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc"]  # no temporary file left behind
+
+
+# -- what the prefill chose (compression_info) survives save and load -------------------------------------------------
+def _calibrated_press(model, tmp_path):
+    """A calibrated Compactor whose parameters (written here for ``model``) choose a ratio that depends on the
+    context."""
+    from kvpress_like.calibration import FORMAT, model_fingerprint
+
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"format": FORMAT, "model": {"weights_sha256": model_fingerprint(model)},
+                                  "presses": {"compactor": {"alpha": -3.0, "beta": 12.0}}}), encoding="utf-8")
+    return CompactorPress(ratio="auto", quality=0.8, params=str(params))
+
+
+def test_compression_info_of_a_calibrated_press_survives_save_and_load(tmp_path):
+    model = cached_tiny_model(**LLAMA)
+    p = _calibrated_press(model, tmp_path)
+    cache = prefill(model, p)
+    info = compression_info(cache)
+    assert set(info) == {"press", "ratio", "retention", "context_nll", "quality"}
+    assert info["ratio"] > 0 and info["quality"] == 0.8  # a real choice was recorded
+    path = tmp_path / "calibrated.kvc"
+    save_cache(path, cache, model, CONTEXT_IDS, p)
+    loaded, _, meta = load_cache(path, model)
+    assert compression_info(loaded) == info
+    assert meta["compression_info"] == info
+    assert_same_cache(loaded, cache)
+    assert compression_info(loaded, p) is None  # the press object (cache.compressed_by) is not restored: documented
+    # the loaded record is the cache's own: changing the returned copy or the meta dict does not change it
+    meta["compression_info"]["ratio"] = -1.0
+    assert compression_info(loaded) == info
+
+
+def test_a_cache_without_compression_info_loads_with_none(saved, tmp_path):
+    path, _ = saved["dense"]  # a fixed-ratio press records nothing
+    model = cached_tiny_model(**LLAMA)
+    loaded, _, meta = load_cache(path, model)
+    assert compression_info(loaded) is None and meta["compression_info"] is None
+    payload = torch.load(path, weights_only=True)  # a file written before the record was saved: no key at all
+    del payload["meta"]["compression_info"]
+    _rewrite(payload, tmp_path / "older.kvc")
+    assert compression_info(load_cache(tmp_path / "older.kvc", model)[0]) is None
+
+
+@pytest.mark.parametrize("value", [["ratio", 0.5], "ratio=0.5", 0.5, {"ratio": (0.5,)}, {1: 0.5}])
+def test_compression_info_of_the_wrong_type_is_a_clear_error(value, saved, tmp_path):
+    path, _ = saved["dense"]
+    model = cached_tiny_model(**LLAMA)
+    payload = torch.load(path, weights_only=True)
+    payload["meta"]["compression_info"] = value
+    bad = tmp_path / "tampered.kvc"
+    _rewrite(payload, bad)
+    with pytest.raises(ValueError, match="invalid kvpress-like cache file: metadata compression_info must be a JSON "
+                                         "object"):
+        load_cache(bad, model)
+
+
+def test_save_refuses_a_compression_record_that_is_not_json(tmp_path):
+    model, p, cache = make_case("dense")
+    cache.compression_info = {"ratio": torch.tensor(0.5)}
+    path = tmp_path / "c.kvc"
+    with pytest.raises(TypeError, match="compression_info .* must hold JSON values only"):
+        save_cache(path, cache, model, CONTEXT_IDS, p)
+    assert not path.exists()
