@@ -48,7 +48,7 @@ def run(args) -> None:
 
     import kvpress_like
     from kvpress_like.cache import kept_fraction, prefill
-    from kvpress_like.calibration import ScoreRecorder
+    from kvpress_like.calibration import ScoreRecorder, recorded_scores
     from kvpress_like.context import press as press_context
     from kvpress_like.eval.calibration import answer_ids_of, answer_nlls, stack_padded
     from kvpress_like.eval.metrics import score
@@ -77,11 +77,12 @@ def run(args) -> None:
                 budget = min(args.max_new_tokens, sample.max_new_tokens)
                 with torch.no_grad(), press_context(model, recorder):
                     full = prefill(model, context_ids)
+                    recorded = recorded_scores(full)  # this prefill's scores and NLL, left on its cache
                     record = {"task": task, "length": length, "index": index, "seed": args.seed,
                               "tokens": context_ids.shape[1], "features": {}, "grid": {}}
                     cells = [(None, None)]  # row 0: the full cache; then one row per (press, retention)
-                    for name in recorder.scorers:
-                        record["features"][name] = recorder.features(name, context_ids.shape[1])
+                    for name in recorded.labels:
+                        record["features"][name] = recorded.features(name, context_ids.shape[1])
                         cells += [(name, r) for r in args.grid if r < 1.0]
                     nlls, answers = [], []
                     for first in range(0, len(cells), args.batch):  # a batch of rows at a time (memory)
@@ -89,14 +90,14 @@ def run(args) -> None:
                         for j, (name, retention) in enumerate(cells[first : first + args.batch]):
                             caches.append(copy.deepcopy(full))
                             if name is not None:
-                                recorder.compress_at(name, caches[-1], 1.0 - retention)
+                                recorded.compress_at(name, caches[-1], 1.0 - retention)
                                 cells[first + j] = (name, {"retention": retention, "kept": kept_fraction(caches[-1])})
                         batch = stack_padded(caches)
                         del caches
                         nlls += answer_nlls(model, batch, suffix_ids, answer_ids)
                         answers += answer_rows(model, batch, context_ids, suffix_ids, budget)
                         del batch
-                    del full
+                    del full, recorded
                     cells = cells[1:]
                 predictions = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
                 scores = [score(sample.metric, x, sample.answers) for x in predictions]
@@ -104,7 +105,7 @@ def run(args) -> None:
                 for (name, cell), s, nll, prediction in zip(cells, scores[1:], nlls[1:], predictions[1:]):
                     record["grid"].setdefault(name, []).append({**cell, "score": s, "nll": nll,
                                                                 "prediction": prediction})
-                for name in recorder.scorers:
+                for name in recorder.labels:
                     if 1.0 in args.grid:
                         record["grid"][name].append({"retention": 1.0, "kept": 1.0, "score": scores[0],
                                                      "nll": nlls[0]})

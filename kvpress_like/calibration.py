@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -399,53 +399,187 @@ def score_statistics(recorded: dict[int, tuple]) -> dict[str, float]:
             "score_top10": float(torch.cat(tops).mean())}
 
 
+_RECORDING = "kvpress_like.score_recorder"  # key of the scores being recorded, in the installation's prefill state
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreRecord:
+    """What one prefill under a :class:`ScoreRecorder` recorded: every press's layer scores and the context's NLL.
+
+    It lives on the cache that prefill filled (read it with :func:`recorded_scores`), never on the recorder, so one
+    recorder may serve several models and caches at once. It is never changed: deep copies of the cache share it, and
+    :meth:`compress_at` compresses such a copy (which then no longer carries it).
+
+    Attributes:
+        presses: ``(label, press)`` pairs, as the recorder holds them.
+        scores: per label, per compressible layer index, ``(scores [B, H_kv, S] fp32, protected [B, S] bool,
+            valid [B, S] bool)`` as :meth:`Press.layer_scores` gives them (``+inf`` protected, ``-inf`` padding).
+        nll: the context's mean next-token NLL (:func:`context_nll`); ``None`` only while the prefill forward runs.
+    """
+
+    presses: tuple[tuple[str, Press], ...]
+    scores: dict[str, dict[int, tuple]]
+    nll: float | None = None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the recorded presses, in the recorder's order."""
+        return tuple(label for label, _ in self.presses)
+
+    def press(self, name: str) -> Press:
+        """The press recorded under label ``name``.
+
+        Raises:
+            KeyError: no press has that label (the labels are named).
+        """
+        for label, p in self.presses:
+            if label == name:
+                return p
+        raise KeyError(f"no press recorded under {name!r}; recorded: {', '.join(map(repr, self.labels))}")
+
+    def compress_at(self, name: str, cache, ratio: float) -> None:
+        """Compress ``cache`` in place at ``ratio`` with press ``name``'s recorded scores, as that press would have.
+
+        Args:
+            name: a label of :attr:`presses`.
+            cache: the recorded cache or a copy of it (``copy.deepcopy``), still holding the whole context: every
+                recorded layer ``[B, H_kv, S, D]``.
+            ratio: the fraction of the context removed, in [0, 1).
+
+        Raises:
+            KeyError: ``name`` is not recorded.
+            ValueError: a recorded layer of ``cache`` does not hold the recorded context in full (e.g. it was
+                compressed already).
+        """
+        p, recorded = self.press(name), self.scores[name]
+        for idx, (scores, _, _) in recorded.items():
+            layer = cache.layers[idx] if idx < len(cache.layers) else None
+            keys = getattr(layer, "keys", None)
+            if not isinstance(keys, torch.Tensor) or tuple(keys.shape[:3]) != tuple(scores.shape):
+                raise ValueError(
+                    f"layer {idx} of the cache does not hold the recorded context in full (scores recorded for "
+                    f"[B, H_kv, S] = {list(scores.shape)}, the layer is {type(layer).__name__}"
+                    f"{' ' + str(list(keys.shape)) if isinstance(keys, torch.Tensor) else ''}): compress a copy of "
+                    "the cache the recorder prefilled (copy.deepcopy), once")
+        compress_recorded(cache, p, recorded, ratio)
+        vars(cache).pop("score_record", None)  # the compressed copy no longer holds what was recorded
+
+    def features(self, name: str, context_tokens: int | None = None) -> dict[str, float]:
+        """The context features for press ``name``: ``context_nll``, ``log_length`` (of ``context_tokens``, by
+        default the recorded context's length ``S``) and :func:`score_statistics`."""
+        self.press(name)  # a KeyError naming the recorded labels
+        recorded = self.scores[name]
+        if context_tokens is None:
+            context_tokens = next(iter(recorded.values()))[2].shape[1]
+        return {"context_nll": self.nll, "log_length": math.log(context_tokens), **score_statistics(recorded)}
+
+    def __deepcopy__(self, memo):
+        return self  # never changed: copies of the cache share it
+
+
+def recorded_scores(cache) -> ScoreRecord:
+    """The :class:`ScoreRecord` a prefill under a :class:`ScoreRecorder` left on ``cache`` (or a copy of it).
+
+    Raises:
+        ValueError: ``cache`` holds no finished record (not prefilled under a recorder, already compressed by
+            :meth:`ScoreRecord.compress_at`, or its prefill forward did not finish).
+    """
+    record = getattr(cache, "score_record", None)
+    if not isinstance(record, ScoreRecord) or record.nll is None:
+        raise ValueError("this cache holds no recorded scores: prefill it inside `with press(model, "
+                         "ScoreRecorder.of({...}))` (a cache compressed by compress_at no longer carries them)")
+    return record
+
+
+def _scoring_key(p: Press) -> tuple:
+    """What ``p``'s scores depend on: its class and its parameters except the allocator (compared with ``==``)."""
+    return (type(p), [getattr(p, f.name) for f in fields(p) if f.init and f.name != "allocator"])
+
+
+@dataclass
 class ScoreRecorder(CalibratedPress):
     """Records, for each prefill, every given press's layer scores and the context's NLL instead of compressing, so
-    that one prefill serves every (press, ratio): :meth:`compress_at` compresses a copy of the full cache.
+    that one prefill serves every (press, ratio).
 
-    Build it with :meth:`of`. After a prefill, ``scores[name][layer]`` holds ``(scores, protected, valid)`` and
-    ``nll`` the context's mean NLL.
+    Build it with :meth:`of`. The recorder is immutable configuration: what a prefill records is a
+    :class:`ScoreRecord` left on the cache it filled (:func:`recorded_scores`), whose
+    :meth:`~ScoreRecord.compress_at` compresses a copy of that full cache::
+
+        recorder = ScoreRecorder.of({"compactor": CompactorPress(), "knorm": KnormPress()})
+        with torch.no_grad(), press(model, recorder):
+            model(input_ids, past_key_values=full)
+        record = recorded_scores(full)
+        cache = copy.deepcopy(full)
+        record.compress_at("knorm", cache, 0.5)
+
+    Args:
+        scorers: ``(label, press)`` pairs (a dict is accepted); each a press, registry name or
+            :class:`~kvpress_like.scorer.Scorer` that a :class:`CalibratedPress` accepts. ``scorer`` is the first.
     """
+
+    name: ClassVar[str] = "score_recorder"
+    acts_while_decoding: ClassVar[bool] = False  # after_forward only hands a prefill's scores to its cache
+    scorers: tuple[tuple[str, Press], ...] = ()
+    needs = property(lambda self: frozenset().union(*(p.needs for _, p in self.scorers)))  # what its presses read
 
     @classmethod
     def of(cls, presses: dict[str, Press]) -> ScoreRecorder:
         """A recorder for ``presses`` (label -> press); each must be a scorer a calibrated press accepts."""
-        if not presses:
-            raise ValueError("ScoreRecorder.of needs at least one press")
-        for p in presses.values():
-            CalibratedPress(scorer=p)  # the same checks as a calibrated press
-        recorder = cls(scorer=next(iter(presses.values())))
-        recorder.scorers = dict(presses)
-        return recorder
+        if not isinstance(presses, dict) or not presses:
+            raise ValueError(f"ScoreRecorder.of needs a non-empty dict label -> press; got {presses!r}")
+        return cls(scorers=tuple(presses.items()))
 
     def __post_init__(self, compression_ratio=None):
+        pairs = tuple(self.scorers.items()) if isinstance(self.scorers, dict) else self.scorers
+        if not isinstance(pairs, tuple) or not all(isinstance(x, tuple) and len(x) == 2 for x in pairs):
+            raise TypeError(f"scorers must be (label, press) pairs or a dict label -> press; got {self.scorers!r}")
+        labels = [label for label, _ in pairs]
+        if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
+            raise ValueError(f"scorer labels must be distinct non-empty strings; got {labels!r}")
+        pairs = tuple((label, as_press(p)) for label, p in pairs)
+        for _, p in pairs:
+            CalibratedPress(scorer=p)  # the same checks as a calibrated press
+        if pairs:
+            self.scorer = pairs[0][1]
         super().__post_init__(compression_ratio)
-        self.scorers: dict[str, Press] = {self.scorer.name: self.scorer}
-        self.scores: dict[str, dict[int, tuple]] = {}
-        self.nll: float | None = None
+        self.scorers = pairs or ((self.scorer.name, self.scorer),)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the recorded presses."""
+        return tuple(label for label, _ in self.scorers)
+
+    def to_dict(self) -> dict:
+        """Raises ``TypeError``: a recorder is a tool of evaluation and calibration, not a press to save."""
+        raise TypeError("ScoreRecorder has no dict form: it records scores for evaluation and calibration; save the "
+                        "presses it records instead")
 
     def quality_model(self, model):
         return QualityModel(0.0, 0.0)  # unused: nothing is compressed while recording
 
     def layer_scores(self, ctx):
-        computed = {}  # presses that differ only in their allocator share one scoring
-        for name, scorer in self.scorers.items():
-            key = repr({k: v for k, v in scorer.to_dict().items() if k != "allocator"})
-            if key not in computed:
-                computed[key] = scorer.layer_scores(ctx)
-            scores, protected = computed[key]
-            self.scores.setdefault(name, {})[ctx.layer_idx] = (scores, protected, ctx.valid)
-        return self.scores[next(iter(self.scorers))][ctx.layer_idx][:2]
+        """Record every press's scores of this layer in the installation's prefill state (``ctx.state``); presses
+        that differ only in their allocator share one scoring. Returns the first press's."""
+        recording = ctx.state.setdefault(_RECORDING, {})
+        computed = []
+        for label, p in self.scorers:
+            key = _scoring_key(p)
+            found = next((result for k, result in computed if k == key), None)
+            if found is None:
+                found = p.layer_scores(ctx)
+                computed.append((key, found))
+            recording.setdefault(label, {})[ctx.layer_idx] = (*found, ctx.valid)
+        return recording[self.scorers[0][0]][ctx.layer_idx][:2]
+
+    def after_forward(self, hooks, module, kwargs, cache, was_prefill) -> None:
+        """After a prefill's last compressible layer: leave the scores recorded in the installation's state on the
+        cache (a :class:`ScoreRecord`; its NLL follows in :meth:`finish_prefill`)."""
+        if was_prefill and hooks.layer_idx == hooks.layers[-1] and _RECORDING in hooks.state:
+            cache.score_record = ScoreRecord(self.scorers, hooks.state.pop(_RECORDING))
 
     def finish_prefill(self, scope, nll, model):
-        self.nll = nll
-
-    def compress_at(self, name: str, cache, ratio: float) -> None:
-        """Compress ``cache`` (holding the recorded context in full) at ``ratio`` with press ``name``'s scores."""
-        compress_recorded(cache, self.scorers[name], self.scores[name], ratio)
-
-    def features(self, name: str, context_tokens: int) -> dict[str, float]:
-        """The context features of the last prefill for press ``name``: ``context_nll``, ``log_length`` and
-        :func:`score_statistics`."""
-        return {"context_nll": self.nll, "log_length": math.log(context_tokens),
-                **score_statistics(self.scores[name])}
+        """Complete the cache's :class:`ScoreRecord` with the context's NLL (nothing is compressed)."""
+        record = getattr(scope.cache, "score_record", None)
+        if not isinstance(record, ScoreRecord):
+            raise RuntimeError("ScoreRecorder: the prefill's scores did not reach its cache")
+        scope.cache.score_record = ScoreRecord(record.presses, record.scores, nll)

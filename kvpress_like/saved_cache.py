@@ -3,10 +3,10 @@
 The file (``torch.save`` format, loaded with ``weights_only=True``: no code runs on load) holds every cache layer
 (dense compressed, sliding-window compressed, ragged per-head, plain and sliding-window layers), the context's
 token ids, the press that produced it, what the prefill chose (:func:`~kvpress_like.press.compression_info`: the
-ratio a calibrated press chose for this context) and the identity of the model. Loading refuses a file made for another model,
-and a corrupt or truncated file is rejected before anything is returned (a SHA-256 over the payload is checked), and
-so is a file whose tensors do not have the dtypes and shapes its metadata records, or that do not fit the model and
-the context.
+ratio a calibrated press chose for this context) and the identity of the model. Loading refuses a file made for
+another model, and a corrupt or truncated file is rejected before anything is returned (a SHA-256 over the payload
+is checked), and so is a file whose tensors do not have the dtypes and shapes its metadata records, or that do not
+fit the model and the context.
 Saving writes a temporary file in the same directory and renames it over the target only once it is complete and
 synced, so an interrupted save leaves the previous file intact.
 """

@@ -3,6 +3,7 @@ calibrated press end to end on a tiny model."""
 
 import json
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -380,23 +381,141 @@ def test_calibrate_command_writes_a_file_that_ratio_auto_reads(tiny_model_dir, t
 
 
 def test_one_recorded_prefill_compresses_like_a_fixed_press_at_every_ratio():
-    from kvpress_like.calibration import ScoreRecorder
+    from kvpress_like.calibration import ScoreRecorder, recorded_scores
 
     model = cached_tiny_model("llama", "sdpa")
     ids = random_ids(90, seed=7)
     recorder = ScoreRecorder.of({"compactor": CompactorPress(), "knorm": KnormPress()})
     full = prefill(model, ids, recorder)
-    assert recorder.nll == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
+    record = recorded_scores(full)
+    assert record.nll == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
     for name, make in (("compactor", CompactorPress), ("knorm", KnormPress)):
         for ratio in (0.3, 0.75):
             import copy
 
             cache = copy.deepcopy(full)
-            recorder.compress_at(name, cache, ratio)
+            record.compress_at(name, cache, ratio)
             fixed = prefill(model, ids, make(ratio=ratio))
             for idx in full_attention_layers(model.config):
                 assert torch.equal(cache.layers[idx].keys, fixed.layers[idx].keys)
                 assert torch.equal(cache.layers[idx].values, fixed.layers[idx].values)
+
+
+@dataclass(frozen=True)
+class KeyMeanScorer:
+    """A scorer written as a plain class (no Press, so no dict form): each head's mean key coordinate."""
+
+    needs = frozenset()
+    supports_decoding = True
+    score_depends_on_ratio = False
+    is_plain_scorer = True
+    acts_while_decoding = False
+
+    def score(self, ctx):
+        return ctx.keys.float().mean(dim=-1)  # [B, H_kv, S]
+
+
+def naive_recorded(keys, kind, n_sink, window):
+    """``[B, H, S]`` scores of ``keys`` ``[B, H, S, D]`` written with loops: ``-||k||`` (knorm) or the mean key
+    coordinate (key_mean), ``+inf`` on the first ``n_sink`` and last ``window`` tokens (no padding)."""
+    b, h, s, d = keys.shape
+    out = torch.empty(b, h, s)
+    for i in range(b):
+        for j in range(h):
+            for t in range(s):
+                values = [float(keys[i, j, t, c]) for c in range(d)]
+                if t < n_sink or t >= s - window:
+                    out[i, j, t] = math.inf
+                elif kind == "knorm":
+                    out[i, j, t] = -math.sqrt(sum(v * v for v in values))
+                else:
+                    out[i, j, t] = sum(values) / d
+    return out
+
+
+def test_one_recorder_on_two_models_at_once_leaves_each_prefill_its_own_record():
+    """One recorder installed on two models at once, then prefilling a third cache: each cache carries the scores of
+    its own model and context (checked against the scores written naively from that model's cached keys) and its own
+    NLL; a ScorerPress around a plain scorer is recorded and compresses like the fixed press; the recorder object is
+    the same before and after (equal, same hash, same attributes)."""
+    import copy
+
+    from kvpress_like import ScorerPress, press
+    from kvpress_like.calibration import ScoreRecorder, recorded_scores
+
+    presses = {"knorm": KnormPress(window=2), "knorm_pyramid": KnormPress(window=2, allocator="pyramid"),
+               "key_mean": ScorerPress(scorer=KeyMeanScorer(), n_sink=1)}
+    recorder = ScoreRecorder.of(presses)
+    before, before_hash, before_state = copy.deepcopy(recorder), hash(recorder), dict(vars(recorder))
+    inner_state = {label: dict(vars(p)) for label, p in presses.items()}
+    models = [cached_tiny_model("llama", "sdpa"), cached_tiny_model("qwen3", "sdpa")]
+    contexts = [random_ids(70, seed=11), random_ids(50, seed=12)]
+    caches = [DynamicCache(config=m.config) for m in models]
+    with torch.no_grad(), press(models[0], recorder), press(models[1], recorder):
+        for model, ids, cache in zip(models, contexts, caches):
+            model(ids, **{CACHE_KWARG: cache})
+    third_ids = random_ids(60, seed=13)
+    third = prefill(models[0], third_ids, recorder)
+
+    assert recorder == before and hash(recorder) == before_hash and vars(recorder) == before_state
+    assert {label: vars(p) for label, p in presses.items()} == inner_state
+    nlls = []
+    for model, ids, cache in [*zip(models, contexts, caches), (models[0], third_ids, third)]:
+        record = recorded_scores(cache)
+        assert record.labels == ("knorm", "knorm_pyramid", "key_mean")
+        assert record.nll == pytest.approx(reference_context_nll(model, ids), rel=1e-4)
+        nlls.append(record.nll)
+        plain = prefill(model, ids)  # the same model and context without a press: the keys the scorers read
+        layers = full_attention_layers(model.config)
+        for label, kind, n_sink, window in (("knorm", "knorm", 0, 2), ("key_mean", "key_mean", 1, 0)):
+            assert sorted(record.scores[label]) == list(layers)
+            for idx in layers:
+                scores, protected, valid = record.scores[label][idx]
+                expected = naive_recorded(plain.layers[idx].keys, kind, n_sink, window)
+                torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+                assert valid.all() and protected.sum() == n_sink + window
+        for idx in layers:  # presses that differ only in their allocator share one scoring
+            assert record.scores["knorm_pyramid"][idx][0] is record.scores["knorm"][idx][0]
+        for label, fixed_press in (("key_mean", ScorerPress(scorer=KeyMeanScorer(), n_sink=1, ratio=0.5)),
+                                   ("knorm_pyramid", KnormPress(window=2, allocator="pyramid", ratio=0.5))):
+            compressed = copy.deepcopy(cache)
+            record.compress_at(label, compressed, 0.5)
+            fixed = prefill(model, ids, fixed_press)
+            for idx in layers:
+                assert torch.equal(compressed.layers[idx].keys, fixed.layers[idx].keys)
+                assert torch.equal(compressed.layers[idx].values, fixed.layers[idx].values)
+        assert record.features("knorm")["log_length"] == pytest.approx(math.log(ids.shape[1]))
+    assert len(set(nlls)) == 3  # three prefills, three records: none overwrote another
+
+
+def test_a_recorded_cache_is_compressed_once_and_bad_recorders_are_refused():
+    import copy
+
+    from kvpress_like import ChunkKVPress
+    from kvpress_like.calibration import ScoreRecorder, recorded_scores
+
+    model = cached_tiny_model("llama", "sdpa")
+    ids = random_ids(40, seed=14)
+    full = prefill(model, ids, ScoreRecorder.of({"knorm": KnormPress()}))
+    compressed = copy.deepcopy(full)
+    record = recorded_scores(full)
+    record.compress_at("knorm", compressed, 0.5)
+    with pytest.raises(ValueError, match="holds no recorded scores"):
+        recorded_scores(compressed)  # the compressed copy no longer carries the record
+    with pytest.raises(ValueError, match="does not hold the recorded context in full"):
+        record.compress_at("knorm", compressed, 0.3)
+    with pytest.raises(KeyError, match="no press recorded under 'snapkv'; recorded: 'knorm'"):
+        record.compress_at("snapkv", copy.deepcopy(full), 0.3)
+    with pytest.raises(ValueError, match="holds no recorded scores"):
+        recorded_scores(prefill(model, ids, KnormPress(ratio=0.5)))
+    with pytest.raises(ValueError, match="non-empty dict"):
+        ScoreRecorder.of({})
+    with pytest.raises(ValueError, match="not a plain scorer"):
+        ScoreRecorder.of({"chunkkv": ChunkKVPress(scorer=KnormPress())})
+    with pytest.raises(ValueError, match="labels must be distinct non-empty strings"):
+        ScoreRecorder(scorers=(("a", KnormPress()), ("a", KnormPress())))
+    with pytest.raises(TypeError, match="no dict form"):
+        ScoreRecorder.of({"knorm": KnormPress()}).to_dict()
 
 
 def naive_statistics(recorded):
@@ -444,7 +563,7 @@ def test_batched_answer_nll_of_padded_rows_equals_each_cache_alone():
     import copy
 
     from kvpress_like import press
-    from kvpress_like.calibration import ScoreRecorder
+    from kvpress_like.calibration import ScoreRecorder, recorded_scores
     from kvpress_like.eval.calibration import answer_nlls, stack_padded
 
     model = cached_tiny_model("llama", "sdpa")
@@ -454,7 +573,7 @@ def test_batched_answer_nll_of_padded_rows_equals_each_cache_alone():
     caches = [copy.deepcopy(full)]
     for ratio in (0.2, 0.5, 0.8):  # rows of different lengths, padded
         caches.append(copy.deepcopy(full))
-        recorder.compress_at("compactor", caches[-1], ratio)
+        recorded_scores(full).compress_at("compactor", caches[-1], ratio)
     with torch.no_grad(), press(model, recorder):
         batched = answer_nlls(model, stack_padded(caches), prompt, answer)
         alone = [answer_nlls(model, c, prompt, answer)[0] for c in caches]

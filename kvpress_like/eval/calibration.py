@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import CACHE_KWARG, CompressedLayer, kept_fraction
-from ..calibration import FORMAT, ScoreRecorder, fit_quality_model, model_fingerprint
+from ..calibration import FORMAT, ScoreRecorder, fit_quality_model, model_fingerprint, recorded_scores
 from ..context import press as press_context
 from ..pipeline import encode_prompt
 from ..press import Press
@@ -87,7 +87,7 @@ def calibration_points(model, tokenizer, presses: list[Press], lengths, samples:
     Returns:
         Per press name, one dict per (sample, retention): ``task``, ``length``, ``index``, ``retention``,
         ``kept_fraction``, ``quality``, ``nll_full``, ``nll_press`` and the context features of
-        :meth:`~kvpress_like.calibration.ScoreRecorder.features` (``context_nll``, ``log_length``, score
+        :meth:`~kvpress_like.calibration.ScoreRecord.features` (``context_nll``, ``log_length``, score
         statistics).
     """
     recorder = ScoreRecorder.of({p.name: p for p in presses})
@@ -100,7 +100,7 @@ def calibration_points(model, tokenizer, presses: list[Press], lengths, samples:
         work = tqdm(work, desc="calibrate", unit="sample", disable=not progress)
     except ImportError:
         pass
-    points = {name: [] for name in recorder.scorers}
+    points = {name: [] for name in recorder.labels}
     with torch.no_grad(), press_context(model, recorder):
         for task, length, index, sample in work:
             context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
@@ -108,13 +108,14 @@ def calibration_points(model, tokenizer, presses: list[Press], lengths, samples:
             answer_ids = answer_ids_of(tokenizer, sample.answers).to(device)
             full = DynamicCache(config=model.config)
             model(input_ids=context_ids, **{CACHE_KWARG: full}, use_cache=True, logits_to_keep=1)
-            for name in recorder.scorers:  # one batched forward per press: row 0 full, then every retention
+            record = recorded_scores(full)  # what this prefill recorded (left on its cache, not on the recorder)
+            for name in record.labels:  # one batched forward per press: row 0 full, then every retention
                 caches = [copy.deepcopy(full)]
                 for retention in retentions:
                     caches.append(copy.deepcopy(full))
-                    recorder.compress_at(name, caches[-1], 1.0 - retention)
+                    record.compress_at(name, caches[-1], 1.0 - retention)
                 nll_full, *nlls = answer_nlls(model, stack_padded(caches), suffix_ids, answer_ids)
-                features = {k: _rounded(v) for k, v in recorder.features(name, context_ids.shape[1]).items()}
+                features = {k: _rounded(v) for k, v in record.features(name, context_ids.shape[1]).items()}
                 for retention, cache, nll_press in zip(retentions, caches[1:], nlls):
                     points[name].append({"task": task, "length": length, "index": index, "retention": retention,
                                          "kept_fraction": _rounded(kept_fraction(cache)),

@@ -127,8 +127,9 @@ class SharedPrefill:
 
     A prefill does not depend on the ratio (layers are compressed after their own attention), so one prefill of the
     sample's compressed part records every press's scores in every layer (see
-    :class:`kvpress_like.calibration.CalibratedPress`), then each (press, ratio) cell compresses a copy of the full
-    cache from those scores: the same kept entries as its own prefill, at a fraction of the cost. Presses that select
+    :class:`kvpress_like.calibration.ScoreRecorder`; the scores are left on the prefilled cache, not on the recorder),
+    then each (press, ratio) cell compresses a copy of the full cache from those scores: the same kept entries as its
+    own prefill, at a fraction of the cost. Presses that select
     by themselves (ChunkKV) get their own prefill per cell. A press whose scores depend on the ratio (Compactor with
     ``blending=None``) records one set of scores per ratio.
     """
@@ -149,17 +150,20 @@ class SharedPrefill:
         self.recorder = ScoreRecorder.of(presses) if presses else None
 
     def _shares(self, label: str, ratio: float) -> bool:
-        scorers = self.recorder.scorers if self.recorder is not None else {}
-        return label == FULL or label in scorers or _scorer_key(label, ratio) in scorers
+        labels = self.recorder.labels if self.recorder is not None else ()
+        return label == FULL or label in labels or _scorer_key(label, ratio) in labels
 
     def cache_for(self, full, label: str, ratio: float):
-        """A copy of the recorded ``full`` cache compressed by press ``label`` at ``ratio`` (``full``: uncompressed)."""
+        """A copy of the ``full`` cache prefilled under :attr:`recorder`, compressed by press ``label`` at ``ratio``
+        from the scores recorded on it (``full``: uncompressed)."""
         import copy
+
+        from ..calibration import recorded_scores
 
         cache = copy.deepcopy(full)
         if label != FULL and ratio > 0:
-            scorers = self.recorder.scorers
-            self.recorder.compress_at(label if label in scorers else _scorer_key(label, ratio), cache, ratio)
+            record = recorded_scores(full)
+            record.compress_at(label if label in record.labels else _scorer_key(label, ratio), cache, ratio)
         return cache
 
     def evaluate(self, tokenizer, task: str, sample, pending, mode: str, max_new_tokens: int | None):
