@@ -179,3 +179,14 @@ def test_shared_prefill_gives_the_same_cells_as_one_prefill_per_cell(model_dir, 
         assert record["prediction"] == own["prediction"], record["press"]
         assert record["kept_fraction"] == pytest.approx(own["kept_fraction"])
         assert record["context_tokens"] == own["context_tokens"]
+
+
+def test_plot_accepts_intervals_that_touch_the_score_up_to_rounding(tmp_path):
+    """A score of 100 % whose interval ends a rounding error below it (as summaries of many cells give) is drawn, not
+    refused by matplotlib's check on negative error bars."""
+    row = {"press": "knorm", "ratio": 0.5, "length": 256, "task": "all", "score": 1.0, "ci_low": 0.93,
+           "ci_high": 1.0 - 1e-15, "kept_fraction": 0.5, "kl": math.nan}
+    full = dict(row, press=runner.FULL, ratio=0.0, kept_fraction=1.0)
+    below = dict(row, ratio=0.75, score=0.2, ci_low=0.2 + 1e-15, ci_high=0.4, kept_fraction=0.25)
+    path = runner.plot([full, row, below], tmp_path / "plot.png")
+    assert path.stat().st_size > 0

@@ -552,8 +552,8 @@ def plot(rows: list[dict], path: str | Path) -> Path:
                 xs = [p["kept_fraction"] for p in shown]
                 ys = [scale * p[metric] for p in shown]
                 if xs and metric == "score":  # 95 % interval as error bars
-                    yerr = [[y - scale * p["ci_low"] for y, p in zip(ys, shown)],
-                            [scale * p["ci_high"] - y for y, p in zip(ys, shown)]]
+                    yerr = [[max(0.0, y - scale * p["ci_low"]) for y, p in zip(ys, shown)],  # 0, not -1e-15, at 100 %
+                            [max(0.0, scale * p["ci_high"] - y) for y, p in zip(ys, shown)]]
                     ax.errorbar(xs, ys, yerr=yerr, label=name, capsize=3, **style)
                 elif xs:
                     ax.plot(xs, ys, label=name, **style)
