@@ -821,7 +821,7 @@ def test_compactor_low_precision_keeps_the_reference_set(dtype):
     p = kvpress_like.CompactorPress(chunk_size=16)
     got = p.score(ctx)
     assert got.dtype == torch.float32
-    want = ref_compactor(ctx, ref, p.blending, 48, 16, 5, 0, leverage_kernel=p.leverage_kernel_size)
+    want = ref_compactor(ctx, ref, p.blending, 48, 16, p.kernel_size, 0, leverage_kernel=p.leverage_kernel_size)
     assert_same_kept(got, want, ref.valid, margin=0.25 if dtype == torch.bfloat16 else 0.05)
 
 
