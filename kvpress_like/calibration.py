@@ -306,10 +306,6 @@ class CalibratedPress(Press):
         return {"ratio": min(max(0.0, 1.0 - retention), 0.999), "retention": retention, "context_nll": nll,
                 "quality": self.quality}
 
-    def choose_ratio(self, nll: float, model: nn.Module) -> float:
-        """The ratio (1 - retention) for a context of mean NLL ``nll``."""
-        return self.choose(nll, model)["ratio"]
-
     def finish_prefill(self, scope, nll: float, model: nn.Module) -> None:
         """Choose the ratio for a context of mean NLL ``nll``, compress the prefilled cache and record the choice on
         it (:func:`~kvpress_like.press.record_compression`)."""
