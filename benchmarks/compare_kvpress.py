@@ -1,10 +1,12 @@
-"""Side-by-side answer quality against NVIDIA kvpress on exactly the same prompts (query-agnostic protocol).
+"""Side-by-side answer quality against NVIDIA kvpress on exactly the same prompts.
 
 kvpress pins an older transformers, so it runs in its own virtual environment (``--setup`` creates one:
 ``torch==2.13.0`` first, then ``kvpress`` and ``gguf``). For every task and length the samples of
-``kvpress_like.eval.tasks`` are tokenized once here (``encode_prompt``: the chat-templated prompt split after the
-context); ``kvpress_worker.py`` answers those very token ids with kvpress (context prefilled under the press, question
-decoded greedily by kvpress's own pipeline), and ``kvpress-like eval``'s runner answers them with our presses. Both
+``kvpress_like.eval.tasks`` are tokenized once here and split as ``kvpress-like eval`` splits them (``--mode
+query_agnostic``, the default: after the context, so the question is not seen by the press; ``--mode query_aware``:
+the question joins the compressed part and only the prompt's last token follows); ``kvpress_worker.py`` answers those
+very token ids with kvpress (the first part prefilled under the press, the rest decoded greedily by kvpress's own
+pipeline), and ``kvpress-like eval``'s runner answers them with our presses. Both
 sets of answers are scored by ``kvpress_like.eval.metrics`` and written to one ``results.jsonl`` (kvpress's rows are
 labelled ``kvpress:<Press>``), so the summary pairs them sample by sample.
 
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MODES = ("query_agnostic", "query_aware")  # kvpress_like.eval.runner.MODES (not imported before --setup)
 DEFAULT_PRESSES = ["compactor", "compactor:allocator=head_adaptive"]
 
 
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="compare_results")
     parser.add_argument("--max-new-tokens", type=int, help="decoding budget on both sides (default: each task's)")
+    parser.add_argument("--mode", choices=MODES, default="query_agnostic", help="where the prompt is split")
     parser.add_argument("--skip-ours", action="store_true", help="only run kvpress's side")
     args = parser.parse_args(argv)
     if args.setup:
@@ -73,18 +77,18 @@ def main(argv=None) -> int:
         format_table,
         load_results,
         paired_table,
+        prompt_ids,
         read_jsonl,
         run_eval,
         summarize,
     )
     from kvpress_like.eval.tasks import generate_samples
-    from kvpress_like.pipeline import encode_prompt
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     results = output / RESULTS_FILE
     label = f"kvpress:{args.kvpress_press}"
-    model_name, mode = "default", "query_agnostic"
+    model_name, mode = "default", args.mode
     model, tokenizer = load_default_model()
     for length in args.length:
         for task in args.tasks:
@@ -94,15 +98,15 @@ def main(argv=None) -> int:
                     if cell_key(model_name, label, r, task, length, mode, s.index, args.seed) not in done]
             if not todo:
                 continue
-            inputs = output / f"kvpress_samples_{task}_{length}.jsonl"
-            answers = output / f"kvpress_answers_{task}_{length}.jsonl"  # appended to: survives an interruption
+            stem = f"{args.kvpress_press}_{mode}_{task}_{length}"  # one per press and mode: never mixed up
+            inputs = output / f"kvpress_samples_{stem}.jsonl"
+            answers = output / f"kvpress_answers_{stem}.jsonl"  # appended to: survives an interruption
             answered = {(a["index"], a["ratio"]) for a in read_jsonl(answers)}
             todo = [(s, r) for s, r in todo if (s.index, r) not in answered]
             if todo:
                 with inputs.open("w", encoding="utf-8") as sink:
                     for sample in {s.index: s for s, _ in todo}.values():
-                        context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question,
-                                                                sample.answer_prefix)
+                        context_ids, suffix_ids = prompt_ids(tokenizer, sample, mode)
                         sink.write(json.dumps({"index": sample.index, "task": task,
                                                "context_ids": context_ids[0].tolist(),
                                                "suffix_ids": suffix_ids[0].tolist(),
@@ -133,10 +137,10 @@ def main(argv=None) -> int:
         with torch.no_grad():
             run_eval(model, tokenizer, presses=args.presses, ratios=args.ratios, tasks=args.tasks,
                      lengths=args.length, samples=args.samples, output_dir=output, seed=args.seed,
-                     model_name=model_name, max_new_tokens=args.max_new_tokens)
+                     model_name=model_name, max_new_tokens=args.max_new_tokens, mode=mode)
     records = [r for r in load_results(results).values()
                if r["seed"] == args.seed and r["task"] in args.tasks and r["length"] in args.length
-               and r["index"] < args.samples and (r["press"] in (FULL, label, *args.presses))]
+               and r["index"] < args.samples and r["mode"] == mode and (r["press"] in (FULL, label, *args.presses))]
     print(format_table(summarize(records)))
     print()
     print(paired_table(records, reference=label))
