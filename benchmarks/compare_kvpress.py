@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         format_table,
         load_results,
         paired_table,
-        prompt_ids,
+        split_prompt,
         read_jsonl,
         run_eval,
         summarize,
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             if todo:
                 with inputs.open("w", encoding="utf-8") as sink:
                     for sample in {s.index: s for s, _ in todo}.values():
-                        context_ids, suffix_ids = prompt_ids(tokenizer, sample, mode)
+                        context_ids, suffix_ids = split_prompt(tokenizer, sample, mode)
                         sink.write(json.dumps({"index": sample.index, "task": task,
                                                "context_ids": context_ids[0].tolist(),
                                                "suffix_ids": suffix_ids[0].tolist(),

@@ -88,6 +88,21 @@ def test_query_aware_mode_compresses_the_question(model_dir, tmp_path):
     assert tokens_aware["knorm"] > tokens["knorm"]  # the question is part of the compressed prefill
 
 
+def test_split_prompt_moves_the_question_into_the_compressed_part(model_dir):
+    import torch
+
+    from kvpress_like.eval.model import load_model
+    from kvpress_like.eval.tasks import generate_samples
+
+    _, tokenizer = load_model(str(model_dir))
+    sample = generate_samples("niah_single_1", tokenizer, 200, 1, seed=0)[0]
+    context, suffix = runner.split_prompt(tokenizer, sample, "query_agnostic")
+    aware_context, aware_suffix = runner.split_prompt(tokenizer, sample, "query_aware")
+    assert suffix.shape[1] > 1 and aware_suffix.shape == (1, 1)
+    assert torch.equal(aware_context, torch.cat([context, suffix[:, :-1]], dim=1))
+    assert torch.equal(aware_suffix, suffix[:, -1:])
+
+
 def test_summary_arithmetic():
     def cell(press, ratio, task, index, score, kept, **extra):
         return {"press": press, "ratio": ratio, "task": task, "index": index, "length": 100, "score": score,

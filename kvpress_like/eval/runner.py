@@ -100,7 +100,7 @@ def evaluate_task_sample(model, tokenizer, p: Press | None, sample, mode: str, m
     """
     from .metrics import score
 
-    context_ids, suffix_ids = prompt_ids(tokenizer, sample, mode, next(model.parameters()).device)
+    context_ids, suffix_ids = split_prompt(tokenizer, sample, mode, next(model.parameters()).device)
     budget = max_new_tokens or sample.max_new_tokens
     with torch.no_grad(), press_context(model, p) if p is not None else nullcontext():
         cache = prefill(model, context_ids)
@@ -194,7 +194,7 @@ class SharedPrefill:
             context_ids, prompt_ids, target_ids = (t.to(device) for t in encode(tokenizer, sample))
             follow = torch.cat([prompt_ids, target_ids], dim=1)
         else:
-            context_ids, suffix_ids = prompt_ids(tokenizer, sample, mode, device)
+            context_ids, suffix_ids = split_prompt(tokenizer, sample, mode, device)
         with torch.no_grad(), press_context(model, self.recorder):
             full = prefill(model, context_ids)
             if task == FIDELITY:
@@ -283,7 +283,7 @@ def _scorer_key(label: str, ratio: float) -> str:
     return f"{label}@{ratio:g}"
 
 
-def prompt_ids(tokenizer, sample, mode: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def split_prompt(tokenizer, sample, mode: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``(compressed part, rest)`` of a task sample's prompt in ``mode`` (one of ``MODES``), each ``[1, n]``."""
     context_ids, suffix_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
     if mode == "query_aware":  # the question joins the compressed part; only the last prompt token follows
