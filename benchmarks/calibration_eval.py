@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -196,23 +197,71 @@ def loo_r_squared(features: list[list[float]], target: list[float]) -> float:
     return r_squared(predictions, target)
 
 
-def analyse(records, name, qualities) -> None:
-    """How well can a context's tolerated retention be predicted? Pearson r of each feature with the measured best
-    retention, and leave-one-out R² of small linear predictors on these contexts."""
-    from kvpress_like.calibration import FEATURES
+def analyse(records, name, qualities, kept_by_quality: dict[float, float]) -> None:
+    """How well can a context's tolerated retention be predicted, and would a better predictor beat the fixed ratio?
 
+    Pearson r of each feature with the measured best retention and leave-one-out R² of small linear predictors; then,
+    for each feature set, a linear predictor of the best retention fitted on one half of the contexts and applied to
+    the other (2-fold cross-fitting, folds by a seeded shuffle), shifted by one constant so that its mean kept
+    fraction equals the calibrated press's at that target (``kept_by_quality``): its score minus the fixed ratio's at
+    the same mean, paired over contexts."""
+    from kvpress_like.calibration import FEATURES
+    from kvpress_like.eval.stats import paired_difference
+
+    sets = {"context_nll": ["context_nll"], "context_nll + log_length": ["context_nll", "log_length"],
+            "all features": list(FEATURES)}
     print(f"\n{name}: measured best retention (smallest grid retention with NLL-quality >= target) against "
           f"context features, {len(records)} contexts")
     print("| quality target | mean best retention | " + " | ".join(f"r({f})" for f in FEATURES)
-          + " | LOO R² (context_nll) | LOO R² (all features) |")
-    print("|---:|---:|" + "---:|" * (len(FEATURES) + 2))
+          + " | LOO R² (context_nll) | LOO R² (all features) | " + " | ".join(f"cross-fitted {k} − fixed" for k in sets)
+          + " |")
+    print("|---:|---:|" + "---:|" * (len(FEATURES) + 2) + "---|" * len(sets))
+    grid = [c["retention"] for c in records[0]["grid"][name]]
     for quality in qualities:
         best = [measured_best(r, name, quality) for r in records]
         columns = {f: [r["features"][name][f] for r in records] for f in FEATURES}
         rs = " | ".join(f"{pearson(columns[f], best):+.2f}" for f in FEATURES)
         single = loo_r_squared([[v] for v in columns["context_nll"]], best)
         every = loo_r_squared([[columns[f][i] for f in FEATURES] for i in range(len(records))], best)
-        print(f"| {quality:g} | {sum(best) / len(best):.3f} | {rs} | {single:.2f} | {every:.2f} |")
+        cells = []
+        for features in sets.values():
+            predicted = cross_fitted([[columns[f][i] for f in features] for i in range(len(records))], best)
+            chosen = shifted_choice(records, name, grid, predicted, kept_by_quality[quality])
+            mean_kept = sum(cell_value(r, name, x, "kept") for r, x in zip(records, chosen)) / len(records)
+            fixed = fixed_retention_for(records, name, mean_kept)
+            d = paired_difference([cell_value(r, name, x, "score") for r, x in zip(records, chosen)],
+                                  [cell_value(r, name, fixed, "score") for r in records])
+            cells.append(f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] (kept {mean_kept:.3f})")
+        print(f"| {quality:g} | {sum(best) / len(best):.3f} | {rs} | {single:.2f} | {every:.2f} | "
+              + " | ".join(cells) + " |")
+
+
+def cross_fitted(features: list[list[float]], target: list[float], seed: int = 0) -> list[float]:
+    """Predictions of ``target`` by least squares (with intercept) fitted on the other half of a seeded 2-fold split."""
+    order = list(range(len(target)))
+    random.Random(seed).shuffle(order)
+    folds = [order[::2], order[1::2]]
+    x = torch.tensor([[1.0, *f] for f in features], dtype=torch.float64)
+    y = torch.tensor(target, dtype=torch.float64)
+    predicted = [0.0] * len(target)
+    for k in (0, 1):
+        train = torch.tensor(folds[1 - k])
+        coef = torch.linalg.lstsq(x[train], y[train, None]).solution[:, 0]
+        for i in folds[k]:
+            predicted[i] = float(x[i] @ coef)
+    return predicted
+
+
+def shifted_choice(records, name, grid, predicted: list[float], mean_kept: float) -> list[float]:
+    """Grid retentions nearest to ``predicted + c``, with the constant ``c`` found by bisection so that the mean kept
+    fraction is ``mean_kept`` (as near as the grid allows)."""
+    low, high = -1.0, 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        chosen = [nearest(grid, min(1.0, max(0.05, p + mid))) for p in predicted]
+        kept = sum(cell_value(r, name, x, "kept") for r, x in zip(records, chosen)) / len(records)
+        low, high = (mid, high) if kept < mean_kept else (low, mid)
+    return [nearest(grid, min(1.0, max(0.05, p + high))) for p in predicted]
 
 
 def r_squared(predicted: list[float], measured: list[float]) -> float:
@@ -274,7 +323,7 @@ def report(args) -> None:
                   f"| {mean['calibrated', 'quality']:.3f} | {mean['fixed', 'quality']:.3f} | {qdiff.mean:+.3f} "
                   f"| [{qdiff.low:+.3f}, {qdiff.high:+.3f}] | {r2:.2f} / {r:+.2f} |")
     for name in names:
-        analyse(records, name, args.quality)
+        analyse(records, name, args.quality, {row["quality"]: row["mean_kept"] for row in rows if row["press"] == name})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     if args.plot:
