@@ -77,9 +77,9 @@ def main(argv=None) -> int:
         format_table,
         load_results,
         paired_table,
-        split_prompt,
         read_jsonl,
         run_eval,
+        split_prompt,
         summarize,
     )
     from kvpress_like.eval.tasks import generate_samples
